@@ -1,6 +1,7 @@
 """Tests for lcconv.py (the layer, models, analysis) and train.py / experiments.sh (CPU only)."""
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -338,3 +339,180 @@ def test_state_dict_round_trips():
 def test_bad_arguments_raise_value_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+# -----------------------------------------------------------------------------
+# train.py: end to end on a tiny synthetic dataset, on real Fashion-MNIST, resume, bad input
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import urllib.error  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import train  # noqa: E402
+
+RESULT_KEYS = ["test_acc", "train_acc", "fgsm_acc", "pgd_acc", "params_learnable", "params_total", "fve_first",
+               "fve_last", "fve_first_raw", "fve_last_raw", "epoch_time_s", "peak_mem_mb", "spatial_variance",
+               "train_loss", "device", "torch", "dataset", "model", "expansion", "frozen", "seed", "epochs"]
+
+
+def write_idx(path, array):
+    """An uint8 IDX file, the format of (Fashion-)MNIST."""
+    header = bytes([0, 0, 8, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A tiny learnable stand-in for Fashion-MNIST: class c is a bright 6×6 square at spot c."""
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in [("train", 384), ("t10k", 128)]:
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, 28, 28), generator=g)
+        for i, c in enumerate(labels.tolist()):
+            y, x = 2 + 8 * (c // 3), 2 + 8 * (c % 3)
+            images[i, y:y + 6, x:x + 6] += 150
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images.to(torch.uint8))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
+    return root
+
+
+def tiny_args(data_dir, tmp_path, *extra):
+    return ["--dataset", "fashionmnist", "--data-dir", str(data_dir), "--depth", "8", "--width", "4",
+            "--batch-size", "64", "--epochs", "2", "--out", str(tmp_path / "results.jsonl"), *extra]
+
+
+def results(tmp_path):
+    path = tmp_path / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_end_to_end_run_writes_one_complete_result(tiny_data, tmp_path):
+    argv = tiny_args(tiny_data, tmp_path, "--expansion", "4", "--frozen", "--pgd-steps", "2",
+                     "--checkpoint", str(tmp_path / "run.pt"), "--save-figures", str(tmp_path / "figs"))
+    train.main(argv)
+    [result] = results(tmp_path)
+    for key in RESULT_KEYS:
+        assert result.get(key) is not None, key
+    assert (result["params_learnable"], result["params_total"]) == resnet_parameters(8, 4, 3, 4, in_channels=1)
+    assert 0 <= result["fgsm_acc"] <= 100 and 0 <= result["pgd_acc"] <= result["fgsm_acc"] + 5
+    assert len(result["spatial_variance"]) == 3
+    assert (tmp_path / "figs" / "filters.png").stat().st_size > 100
+    assert (tmp_path / "figs" / "spatial_variance.png").stat().st_size > 50
+    assert torch.load(tmp_path / "run.pt", weights_only=False)["epoch"] == 2
+    # --skip-finished recognises the run by its config and adds nothing
+    train.main(argv + ["--skip-finished"])
+    assert len(results(tmp_path)) == 1
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    argv = tiny_args(tiny_data, tmp_path, "--epochs", "3", "--expansion", "2", "--frozen")
+    train.main(argv)
+    [uninterrupted] = results(tmp_path)
+
+    checkpoint = str(tmp_path / "run.pt")
+    train_epoch = train.train_epoch
+
+    def interrupted(*args):
+        if args[4] == 2:  # epoch index
+            raise KeyboardInterrupt
+        return train_epoch(*args)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv + ["--checkpoint", checkpoint])
+    assert len(results(tmp_path)) == 1 and torch.load(checkpoint, weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(train, "train_epoch", train_epoch)
+    train.main(argv + ["--checkpoint", checkpoint])
+    resumed = results(tmp_path)[1]
+    for key in ["test_acc", "train_acc", "fgsm_acc", "train_loss", "fve_first", "fve_last", "spatial_variance"]:
+        assert resumed[key] == uninterrupted[key], key
+
+
+@pytest.mark.skipif(not train.DEBIAN_FASHION_MNIST.is_dir(),
+                    reason="real Fashion-MNIST is missing: `apt-get install dataset-fashion-mnist` (.ci/run does)")
+def test_real_fashion_mnist_subset_learns(tmp_path):
+    train.main(["--dataset", "fashionmnist", "--data-dir", str(tmp_path / "data"), "--train-subset", "4000",
+                "--epochs", "2", "--batch-size", "64", "--width", "8", "--expansion", "8", "--frozen",
+                "--out", str(tmp_path / "results.jsonl")])
+    [result] = results(tmp_path)
+    assert result["test_acc"] > 60, result["test_acc"]  # chance is 10%
+    assert result["train_acc"] > 60
+
+
+def test_augmentation_is_a_padded_crop_and_maybe_a_flip():
+    torch.manual_seed(0)
+    images = torch.randint(1, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    out = train.augment(images, torch.Generator().manual_seed(0))
+    padded = F.pad(images, (4, 4, 4, 4))
+    flips = 0
+    for image, source in zip(out, padded):
+        crops = {(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (0, 1)
+                 if torch.equal(image, source[:, dy:dy + 8, dx:dx + 8].flip(2) if flip else source[:, dy:dy + 8, dx:dx + 8])}
+        assert crops, "not a crop of the padded image"
+        flips += min(crops)[2]
+    assert 4 <= flips <= 28  # about half flipped
+
+
+def test_channel_stats():
+    images = torch.randint(0, 256, (100, 3, 5, 5), dtype=torch.uint8)
+    mean, std = train.channel_stats(images)
+    x = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    assert_close(mean, x.mean(1).float())
+    assert_close(std, x.std(1, unbiased=False).float())
+
+
+def test_nan_loss_stops_the_run_with_a_message(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.main(tiny_args(tiny_data, tmp_path, "--lr", "1e30"))
+    assert "loss became" in str(exit.value.code) and "--lr" in str(exit.value.code)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def offline(*args, **kwargs):
+    raise urllib.error.URLError("no network")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--model", "vgg16"], "invalid choice: 'vgg16'"),
+    (["--expansion", "-1"], "--expansion must be >= 0"),
+    (["--kernel-size", "0"], "--kernel-size must be odd and >= 1"),
+    (["--kernel-size", "4"], "--kernel-size must be odd and >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--depth", "21"], r"depth must be 6n\+2"),
+    (["--model", "resnet18", "--width", "4"], "--(depth|width) does not apply to --model resnet18"),
+    (["--intermediate", "relu"], "needs an LC-Block"),
+    (["--dataset", "cifar10"], "cannot load cifar10 .* connect to the internet"),
+    (["--checkpoint", "CORRUPT"], "cannot read checkpoint .* delete it"),
+    (["--checkpoint", "OTHER", "--seed", "1"], "from another config .*differs in seed"),
+    (["--out", "DIR"], "is a directory"),
+])
+def test_bad_input_one_line_and_nothing_written(tiny_data, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torchvision.datasets.cifar.CIFAR10, "_check_integrity", lambda self: False)
+    (tmp_path / "CORRUPT").write_bytes(b"not a checkpoint")
+    (tmp_path / "DIR").mkdir()
+    other = tmp_path / "OTHER"
+    torch.save({"config": train.recipe(train.parse_args(tiny_args(tiny_data, tmp_path))), "epoch": 1}, other)
+    before = other.read_bytes()
+    extra = [str(tmp_path / a) if a in ("CORRUPT", "OTHER", "DIR") else a for a in extra]
+    data_dir = tmp_path / "empty" if "cifar10" in extra else tiny_data
+    with pytest.raises(SystemExit) as exit:
+        train.main(tiny_args(data_dir, tmp_path, *extra))
+    error = str(exit.value.code) if isinstance(exit.value.code, str) else capsys.readouterr().err
+    assert exit.value.code != 0 and error.count("\n") <= 1 and "Traceback" not in error
+    assert re.search(message, error), error
+    assert not (tmp_path / "results.jsonl").exists() and other.read_bytes() == before
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "--epochs", "0", "--out", str(tmp_path / "r.jsonl")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert "--epochs must be >= 1" in run.stderr and not (tmp_path / "r.jsonl").exists()
