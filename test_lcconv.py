@@ -516,3 +516,64 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).parent)
     assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert "--epochs must be >= 1" in run.stderr and not (tmp_path / "r.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------
+# experiments.sh: every group lists valid commands; a tiny sweep runs, reports, skips, survives failures
+
+GROUPS = ["table1", "expansion", "width", "depth", "kernel", "ablation", "offtheshelf", "convmixer", "init"]
+HERE = Path(__file__).parent
+
+
+def experiments(*args, **env):
+    return subprocess.run(["bash", "experiments.sh", *args], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_list_prints_valid_train_commands_for_every_group(group):
+    listed = experiments("--list", group)
+    assert listed.returncode == 0, listed.stderr
+    commands = listed.stdout.splitlines()
+    assert len(commands) >= 8 and len(set(commands)) == len(commands)
+    configs = set()
+    for command in commands:
+        program, script, *argv = command.split()
+        assert (program, script) == ("python", "train.py")
+        args = train.parse_args(argv)  # exits on any flag train.py would reject
+        assert args.skip_finished and args.checkpoint and args.seed in (0, 1, 2, 3) and args.epochs == 75
+        configs.add(json.dumps(train.recipe(args), sort_keys=True))
+    assert len(configs) == len(commands)  # no run listed twice
+
+
+def test_list_default_is_every_group_and_bad_group_fails():
+    everything = experiments("--list").stdout.splitlines()
+    assert len(everything) == sum(len(experiments("--list", g).stdout.splitlines()) for g in GROUPS)
+    quick = experiments("--list", QUICK="1").stdout.splitlines()
+    assert quick and all("--dataset fashionmnist" in c and "--seed 0" in c and "--train-subset" in c for c in quick)
+    bad = experiments("--list", "kernels")
+    assert bad.returncode != 0 and "unknown group 'kernels'" in bad.stderr
+
+
+def test_tiny_sweep_reports_skips_finished_runs_and_survives_a_failure(tiny_data, tmp_path):
+    env = dict(DATASETS="fashionmnist", SEEDS="0", EPOCHS="1", DATA_DIR=str(tiny_data),
+               RESULTS=str(tmp_path / "results"), TRAIN_ARGS="--train-subset 256")
+    commands = experiments("--list", "table1", **env).stdout.splitlines()
+    assert len(commands) == 3
+    broken = Path(commands[1].split("--checkpoint ")[1].split()[0])  # a corrupt checkpoint fails this run
+    broken.parent.mkdir(parents=True)
+    broken.write_text("garbage")
+
+    first = experiments("table1", **env)
+    assert first.returncode == 1 and "FAILED" in first.stdout and "1 run(s) failed" in first.stderr
+    lines = (tmp_path / "results" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # the other two ran
+    report = (tmp_path / "results" / "REPORT.md").read_text()
+    assert "Table 1" in report and "93.65 ± 0.18" in report and "(1)" in report
+
+    broken.unlink()
+    second = experiments("table1", **env)
+    assert second.returncode == 0 and "[1/1]" in second.stdout  # only the failed run again
+    third = experiments("table1", **env)
+    assert third.returncode == 0 and "[1/" not in third.stdout  # nothing new
+    assert len((tmp_path / "results" / "results.jsonl").read_text().splitlines()) == 3

@@ -410,8 +410,8 @@ def bench_setup(kwargs, two_conv, batch_size, device):
 
 
 def bench_memory(kwargs, two_conv, batch_size, device, queue):
-    """In a fresh process: peak memory of three training steps, in MB (CUDA: allocated
-    tensors; CPU: resident memory above the process's start-up, capped at the free memory)."""
+    """In a fresh process: peak memory of three training steps, in MB. CUDA: allocated
+    tensors; CPU: resident memory above the process's start-up, capped at the free memory."""
     try:
         device = torch.device(device)
         if device.type == "cpu":
@@ -429,7 +429,10 @@ def bench_memory(kwargs, two_conv, batch_size, device, queue):
 def benchmark(args, device):
     autocast = autocast_for(device)
     configs = bench_configs()
-    spawn = multiprocessing.get_context("spawn")  # fresh processes: clean peak-memory counters
+    # fresh processes for clean peak-memory counters; on CPU with large blocks mmap-ed, so
+    # freed tensors go back to the OS and resident memory follows the live tensors
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    spawn = multiprocessing.get_context("spawn")
     memory = []
     for name, kwargs, two in configs:
         queue = spawn.Queue()
@@ -437,22 +440,27 @@ def benchmark(args, device):
         process.start()
         process.join()
         memory.append(queue.get() if process.exitcode == 0 else None)
-    # time all configs that fit, interleaved round by round, so drift hits them alike
-    runs = [bench_setup(kwargs, two, args.batch_size, device) if mem else None
-            for (_, kwargs, two), mem in zip(configs, memory)]
-    steps, rounds = (20, 5) if device.type == "cuda" else (1, 5)
+    # time all configs that fit, interleaved round by round so that drift hits them alike;
+    # each turn starts with untimed steps (they absorb the cost of switching models), then
+    # runs for about `turn` seconds and at least two steps
+    runs = [bench_setup(kwargs, two, args.batch_size, device) if mb else None
+            for (_, kwargs, two), mb in zip(configs, memory)]
+    warmup, turn, rounds = (3, 1.0, 5) if device.type == "cuda" else (1, 4.0, 3)
     times = [[] for _ in configs]
-    for r in tqdm(range(rounds + 1), desc="benchmark rounds", disable=None, file=sys.stderr):
+    for _ in tqdm(range(rounds), desc="benchmark rounds", disable=None, file=sys.stderr):
         for run, t in zip(runs, times):
             if run is None:
                 continue
+            start = time.perf_counter()
+            for _ in range(warmup):
+                train_step(*run, 0.1, autocast)
             sync(device)
+            steps = max(2, round(turn * warmup / (time.perf_counter() - start)))
             start = time.perf_counter()
             for _ in range(steps):
                 train_step(*run, 0.1, autocast)
             sync(device)
-            if r > 0:  # round 0 warms up
-                t.append((time.perf_counter() - start) / steps * 1000)
+            t.append((time.perf_counter() - start) / steps * 1000)
     median = [sorted(t)[len(t) // 2] if t else None for t in times]
     print(f"Training step, batch {args.batch_size}, 32×32, {device_name(device)}, torch {torch.__version__}; "
           f"median of {rounds} interleaved rounds\n")
