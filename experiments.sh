@@ -162,8 +162,11 @@ log_of() {  # the run's log: named like its checkpoint
 
 finish() {  # wait for any one run to end and report it
   local pid status
-  wait -n -p pid
-  status=$?
+  while :; do
+    wait -n -p pid
+    status=$?
+    [ -n "${cmd_of[$pid]+set}" ] && break  # one of ours, not some other child
+  done
   local cmd=${cmd_of[$pid]}
   if [ "$status" = 0 ]; then
     echo "  done: $(tail -n 1 "$(log_of "$cmd")")"

@@ -67,13 +67,13 @@ class LCConv2d(nn.Module):
     """The paper's LC-Block: a k×k conv c_in -> c_out·E, then a 1×1 conv c_out·E -> c_out.
 
     Arguments and attributes follow nn.Conv2d; `padding=None` means 'same' for odd kernels.
-    Differences from the paper's two-conv block, none of which change the function:
-    - forward() folds the block into ONE k×k conv with `combined_weight` (Lemma: a 1×1 after
-      a k×k is a k×k conv), so compute and activation memory do not grow with E;
-      `forward_two_conv()` is the literal block. They agree to float tolerance.
+    Where it goes beyond the paper's description:
+    - forward() folds the block into ONE k×k conv with `combined_weight` (a 1×1 conv after a
+      k×k conv is a k×k conv), so compute and activation memory do not grow with E;
+      `forward_two_conv()` is the literal block. The two agree to float tolerance.
     - `groups` applies to both convs, so every group's filters combine only inside the group
       and the block folds into a grouped (depthwise when groups = c_in = c_out) conv.
-    - a bias, if asked for, sits on the 1×1 conv (where it folds into the block's output).
+    - a bias, if asked for, sits on the 1×1 conv, where it is the folded conv's bias.
     frozen=True keeps the k×k filters at their random init (no gradient, hence no weight
     decay or momentum); the 1×1 weights always learn. `intermediate` puts ReLU and/or BN
     between the convs (the paper's Table 3); the block is then no longer linear and runs as
@@ -90,16 +90,15 @@ class LCConv2d(nn.Module):
             raise ValueError(f"intermediate must be one of {', '.join(INTERMEDIATES)}, "
                              f"got {intermediate!r}")
         self.in_channels, self.out_channels, self.expansion = in_channels, out_channels, expansion
-        self.spatial = _conv2d(in_channels, out_channels * expansion, kernel_size, stride,
-                               padding, dilation, groups, bias=False)
+        maps = out_channels * expansion  # the random feature maps the 1×1 conv combines
+        self.spatial = _conv2d(in_channels, maps, kernel_size, stride, padding, dilation, groups, bias=False)
         self.kernel_size, self.stride = self.spatial.kernel_size, self.spatial.stride
         self.padding, self.dilation, self.groups = self.spatial.padding, self.spatial.dilation, groups
         init_spatial_(self.spatial.weight, init)
         self.spatial.weight.requires_grad_(not frozen)
-        maps = out_channels * expansion
         self.intermediate = {"none": nn.Identity(), "relu": nn.ReLU(inplace=True), "bn": nn.BatchNorm2d(maps),
                              "bn_relu": nn.Sequential(nn.BatchNorm2d(maps), nn.ReLU(inplace=True))}[intermediate]
-        self.combine = nn.Conv2d(out_channels * expansion, out_channels, 1, groups=groups, bias=bias)
+        self.combine = nn.Conv2d(maps, out_channels, 1, groups=groups, bias=bias)
 
     @property
     def frozen(self):
@@ -133,7 +132,7 @@ class LCConv2d(nn.Module):
         """An nn.Conv2d computing the same function (for deployment)."""
         if not self.linear:
             raise RuntimeError(f"an LC-Block with an intermediate {self.intermediate} is not "
-                             "linear and does not fold into one conv")
+                               "linear and does not fold into one conv")
         weight = self.combined_weight
         conv = _conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                        self.padding, self.dilation, self.groups, bias=self.combine.bias is not None)

@@ -564,8 +564,9 @@ def test_tiny_sweep_reports_skips_finished_runs_and_survives_a_failure(tiny_data
     broken.parent.mkdir(parents=True)
     broken.write_text("garbage")
 
-    first = experiments("table1", **env)
+    first = experiments("table1", GPUS="0 1", **env)  # two at a time
     assert first.returncode == 1 and "FAILED" in first.stdout and "1 run(s) failed" in first.stderr
+    assert "GPU 0: " in first.stdout and "GPU 1: " in first.stdout
     lines = (tmp_path / "results" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2  # the other two ran
     report = (tmp_path / "results" / "REPORT.md").read_text()

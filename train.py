@@ -98,7 +98,9 @@ def parse_args(argv=None):
               (args.train_subset is None or args.train_subset >= 1, "--train-subset must be >= 1"),
               (args.pgd_steps >= 0, "--pgd-steps must be >= 0"),
               (args.intermediate == "none" or args.expansion >= 1, "--intermediate needs an LC-Block (--expansion >= 1)"),
-              (not Path(args.out).is_dir(), f"--out {args.out} is a directory; give a file name")]
+              (not Path(args.out).is_dir(), f"--out {args.out} is a directory; give a file name"),
+              (not args.save_figures or not Path(args.save_figures).is_file(),
+               f"--save-figures {args.save_figures} is a file; give a directory")]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -354,6 +356,22 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
 
 
+def load_checkpoint(path, config, device):
+    """The saved state if path exists and was written by this config, else None."""
+    if not Path(path).exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to start over") from None
+    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    if saved != config:
+        changed = sorted(k for k in config if saved.get(k) != config[k])
+        raise RuntimeError(f"checkpoint {path} is from another config (differs in {', '.join(changed)}); "
+                           "delete it or pass another --checkpoint")
+    return state
+
+
 def append_result(path, result):
     """One JSON line, in one write() on an O_APPEND file: whole even with parallel runs."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -569,25 +587,10 @@ def main(argv=None):
     print(json.dumps({k: result[k] for k in ("test_acc", "train_acc", "fgsm_acc", "fve_first", "fve_last")}))
 
 
-def load_checkpoint(path, config, device):
-    """The saved state if path exists and was written by this config, else None."""
-    if not Path(path).exists():
-        return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to start over") from None
-    if state.get("config") != config:
-        changed = sorted(k for k in config if state.get("config", {}).get(k) != config[k])
-        raise RuntimeError(f"checkpoint {path} is from another config (differs in {', '.join(changed)}); "
-                           "delete it or pass another --checkpoint")
-    return state
-
-
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
         sys.exit("train.py: interrupted; rerun the same command to resume from --checkpoint")
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         sys.exit("train.py: error: out of memory; lower --batch-size or --expansion")
