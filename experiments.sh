@@ -43,8 +43,8 @@ PYTHON=${PYTHON:-python}
 die() { echo "experiments.sh: $*" >&2; exit 2; }
 
 # -----------------------------------------------------------------------------
-# The groups: each prints one train.py config per line (seeds are added later);
-# "+figures" asks for the combined-filter grid and the variance heatmap.
+# The groups: each prints one train.py config per line (seeds are added later). A config in
+# several groups (the baseline, say) runs once.
 
 table1() {  # Table 1: baseline vs LC x128 learnable vs frozen, four datasets
   for ds in cifar10 cifar100 svhn fashionmnist; do
@@ -78,10 +78,10 @@ depth() {  # Fig. 6b: E = 1, D = 20 ... 260
 
 kernel() {  # Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones
   for k in 3 5 7 9; do
-    echo "--dataset $main --kernel-size $k +figures"
+    echo "--dataset $main --kernel-size $k"
     for e in $lc_expansions; do
-      echo "--dataset $main --kernel-size $k --expansion $e +figures"
-      echo "--dataset $main --kernel-size $k --expansion $e --frozen +figures"
+      echo "--dataset $main --kernel-size $k --expansion $e"
+      echo "--dataset $main --kernel-size $k --expansion $e --frozen"
     done
   done
 }
@@ -102,46 +102,45 @@ offtheshelf() {  # Fig. 1: do nets with 1x1 convs after their spatial convs tole
 
 convmixer() {  # beyond the paper: the large-kernel gap in ConvMixer-256/8
   for k in 3 5 7 9; do
-    echo "--dataset $main --model convmixer --kernel-size $k +figures"
-    echo "--dataset $main --model convmixer --kernel-size $k --frozen +figures"
+    echo "--dataset $main --model convmixer --kernel-size $k"
+    echo "--dataset $main --model convmixer --kernel-size $k --frozen"
     for e in 1 8 64; do
-      echo "--dataset $main --model convmixer --kernel-size $k --expansion $e --frozen +figures"
+      echo "--dataset $main --model convmixer --kernel-size $k --expansion $e --frozen"
     done
   done
 }
 
 init() {  # beyond the paper, its open question: does a centre-weighted init close the k = 9 gap?
-  echo "--dataset $main --kernel-size 9 +figures"
-  echo "--dataset $main --model convmixer --kernel-size 9 +figures"
+  echo "--dataset $main --kernel-size 9"
+  echo "--dataset $main --model convmixer --kernel-size 9"
   for i in kaiming_uniform center; do
     for e in $lc_expansions; do
-      echo "--dataset $main --kernel-size 9 --expansion $e --frozen --init $i +figures"
+      echo "--dataset $main --kernel-size 9 --expansion $e --frozen --init $i"
     done
-    echo "--dataset $main --model convmixer --kernel-size 9 --frozen --init $i +figures"
+    echo "--dataset $main --model convmixer --kernel-size 9 --frozen --init $i"
     for e in 1 8 64; do
-      echo "--dataset $main --model convmixer --kernel-size 9 --expansion $e --frozen --init $i +figures"
+      echo "--dataset $main --model convmixer --kernel-size 9 --expansion $e --frozen --init $i"
     done
   done
 }
 
 # -----------------------------------------------------------------------------
-# From configs to commands: "GROUP<TAB>python train.py ..." per run
+# From configs to commands: "GROUP<TAB>python train.py ..." per run; every run saves its
+# combined filters and spatial variance as PNGs (two small files)
 
 commands() {
-  local group config seed ds name id figures
+  local group config seed ds name id
   for group in "$@"; do
     "$group" | while read -r config; do
       ds=$(sed -E 's/.*--dataset ([a-z0-9]+).*/\1/' <<<"$config")
       [[ " $DATASETS " == *" $ds "* ]] || continue
-      figures=""
-      [[ $config == *+figures ]] && config=${config% +figures} && figures=1
       for seed in $SEEDS; do
         name=$(sed 's/--//g; s/ /_/g' <<<"$config seed $seed")
         id=$(md5sum <<<"$config --seed $seed --epochs $EPOCHS $TRAIN_ARGS" | cut -c1-8)
         printf '%s\t%s train.py %s --seed %s --epochs %s --data-dir %s --out %s/results.jsonl' \
           "$group" "$PYTHON" "$config" "$seed" "$EPOCHS" "$DATA_DIR" "$RESULTS"
-        printf ' --checkpoint %s/checkpoints/%s-%s.pt --skip-finished' "$RESULTS" "$name" "$id"
-        [ -n "$figures" ] && printf ' --save-figures %s/figures/%s-%s' "$RESULTS" "$name" "$id"
+        printf ' --checkpoint %s/checkpoints/%s-%s.pt --save-figures %s/figures/%s-%s --skip-finished' \
+          "$RESULTS" "$name" "$id" "$RESULTS" "$name" "$id"
         printf '%s\n' "${TRAIN_ARGS:+ $TRAIN_ARGS}"
       done
     done
@@ -445,11 +444,13 @@ def section_sweep(runs, ds, key, title, paper):
 
 def section_kernel(runs, ds):
     rs = family(runs, ds, RESNET, "kernel_size", "expansion", "frozen")
-    ks, es = sizes(rs, "kernel_size"), [e for e in sizes(rs, "expansion") if e > 0]
+    ks = sizes(rs, "kernel_size")
+    es = [e for e in sizes(rs, "expansion") if e > 0 and all(select(rs, kernel_size=k, expansion=e) for k in ks)]
     if len(ks) < 2 or not es:
         return ""
     acc = lambda k, e, frozen=False: mean(select(rs, kernel_size=k, expansion=e, frozen=frozen))
-    rows = [[k, cell(select(rs, kernel_size=k))] + [f"{acc(k, e, True):.2f} / {acc(k, e):.2f}" for e in es] for k in ks]
+    rows = [[k, cell(select(rs, kernel_size=k))] + [f"{acc(k, e, True):.2f} / {acc(k, e):.2f}".replace("nan", "—")
+                                                    for e in es] for k in ks]
     plot(f"fig8a_{ds}", "LC expansion E", "learnable − frozen, accuracy %",
          {f"k = {k}": [(e, acc(k, e) - acc(k, e, True)) for e in es] for k in ks})
     heat = []

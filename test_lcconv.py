@@ -578,3 +578,26 @@ def test_tiny_sweep_reports_skips_finished_runs_and_survives_a_failure(tiny_data
     third = experiments("table1", **env)
     assert third.returncode == 0 and "[1/" not in third.stdout  # nothing new
     assert len((tmp_path / "results" / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_report_has_every_table_and_figure(tmp_path):
+    """The report from made-up results of every group (one seed): all sections, paper numbers, links."""
+    env = dict(SEEDS="0 1", RESULTS=str(tmp_path))
+    lines = []
+    for i, command in enumerate(experiments("--list", **env).stdout.splitlines()):
+        args = train.parse_args(command.split()[2:])
+        k = args.kernel_size or 3
+        variance = [[1.0 + (y == x == k // 2) for x in range(k)] for y in range(k)]
+        lines.append(json.dumps(dict(vars(args), test_acc=80 + i % 7, train_acc=90.0, fgsm_acc=70.0, pgd_acc=None,
+                                     params_learnable=1000 + i, params_total=2000, fve_first=1.0, fve_last=0.9,
+                                     fve_first_raw=0.9, fve_last_raw=0.8, spatial_variance=variance)))
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    run = experiments("report", **env)
+    assert run.returncode == 0, run.stderr
+    report = (tmp_path / "REPORT.md").read_text()
+    for heading in ["Table 1", "Fig. 4 and 5", "Fig. 6a", "Fig. 6b", "Fig. 7-9", "Table 3", "Fig. 1",
+                    "ConvMixer-256/8 on cifar10, kernel size", "centre-weighted init for ResNet-LC-20-16",
+                    "centre-weighted init for ConvMixer-256/8"]:
+        assert heading in report, heading
+    assert "91.89 ± 0.10" in report and "94.72 ± 0.16" in report  # Tables 1 and 3 of the paper
+    assert "(2)" in report and "[filters](figures/" in report and "centre/ring 2.00" in report
