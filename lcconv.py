@@ -168,7 +168,8 @@ def _conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, g
 def spatial_conv(in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
                  groups=1, bias=False, expansion=0, frozen=False, init="kaiming_uniform",
                  intermediate="none"):
-    """expansion=0: a plain nn.Conv2d (frozen or learnable); expansion >= 1: an LCConv2d."""
+    """expansion=0: a plain nn.Conv2d (frozen or learnable); expansion >= 1: an LCConv2d.
+    `frozen` freezes the filters; a bias keeps learning."""
     if expansion < 0:
         raise ValueError(f"expansion must be 0 (plain conv) or >= 1 (LC-Block), got {expansion}")
     if expansion >= 1:
@@ -260,7 +261,7 @@ def convmixer(dim=256, depth=8, kernel_size=9, patch_size=2, num_classes=10, in_
 
 
 def _is_spatial(module):
-    return isinstance(module, LCConv2d) or isinstance(module, nn.Conv2d) and module.weight[0, 0].numel() > 1
+    return isinstance(module, LCConv2d) or (isinstance(module, nn.Conv2d) and module.weight[0, 0].numel() > 1)
 
 
 def spatial_layers(model, prefix=""):
