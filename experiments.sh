@@ -203,7 +203,7 @@ run_all() {  # the commands on stdin; one at a time, or one per GPU of GPUS
 }
 
 # -----------------------------------------------------------------------------
-# Python helpers: which runs are pending, the plan, the report (defined at the end of this file)
+# Python helpers: fetching datasets, which runs are pending, the plan, the report (at the end)
 
 helper() { "$PYTHON" -c "$HELPER" "$@"; }
 
@@ -234,6 +234,8 @@ main() {
     "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null ||
       echo "WARNING: no GPU found; the full recipe takes days on a CPU (QUICK=1 scales it down)" >&2
   fi
+  # fetch every dataset once, before parallel runs would download it side by side
+  commands "${groups[@]}" | helper fetch "$DATA_DIR"
   for group in "${groups[@]}"; do
     echo "== $group"
     run_all < <(commands "$group" | helper pending "$RESULTS")
@@ -253,7 +255,7 @@ import torch
 
 import train
 
-mode, results_dir = sys.argv[1], Path(sys.argv[2])
+mode, results_dir = sys.argv[1], Path(sys.argv[2])  # fetch: the data dir
 
 
 def load_runs():
@@ -578,7 +580,13 @@ def report():
     tmp.replace(results_dir / "REPORT.md")
 
 
-if mode == "pending":
+if mode == "fetch":  # here the second argument is the data dir
+    for name in dict.fromkeys(args.dataset for _, _, args in read_commands()):
+        try:
+            train.load_data(train.parse_args(["--dataset", name, "--data-dir", sys.argv[2]]), "cpu")
+        except RuntimeError as e:
+            print(f"experiments.sh: {e}; its runs will fail", file=sys.stderr)
+elif mode == "pending":
     runs = load_runs()
     for _, cmd, args in read_commands():
         if not is_finished(args, runs):

@@ -12,12 +12,14 @@ runs in bf16 autocast and channels_last.
     python train.py --benchmark                                     # step time and memory vs E
 """
 import argparse
+import gzip
 import inspect
 import json
 import math
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -144,14 +146,15 @@ def load_split(name, root, train):
 
 def unpack_gz(source, target):
     """The .gz files of source, decompressed into target (torchvision wants them unpacked)."""
-    import gzip
-    import shutil
-    tmp = target.with_name(target.name + ".partial")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
     tmp.mkdir(parents=True, exist_ok=True)
     for gz in source.glob("*.gz"):
         with gzip.open(gz) as f, open(tmp / gz.stem, "wb") as out:
             shutil.copyfileobj(f, out)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # a run beside this one unpacked it first
+        shutil.rmtree(tmp)
 
 
 def load_data(args, device):
