@@ -259,9 +259,7 @@ mode, results_dir = sys.argv[1], Path(sys.argv[2])  # fetch: the data dir
 
 
 def load_runs():
-    path = results_dir / "results.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.startswith("{")]
+    return train.read_results(results_dir / "results.jsonl")
 
 
 def parse(cmd):  # "python train.py ARGS" -> the run's arguments
@@ -273,8 +271,7 @@ def read_commands():  # "GROUP<TAB>COMMAND" lines -> [(group, command, args)]
 
 
 def is_finished(args, runs):
-    config = train.recipe(args)
-    return any(all(run.get(k) == v for k, v in config.items()) for run in runs)
+    return train.has_result(runs, train.recipe(args))
 
 
 # -- plan: runs and estimated GPU-hours per group --------------------------------------------
@@ -292,7 +289,7 @@ def step_flops(args, cache={}):
     if key not in cache:
         spec = train.DATASETS[args.dataset]
         with torch.device("meta"):
-            net = train.build_net(args, spec["channels"], spec["classes"])
+            net = train.build_net(args)
             x = torch.empty(args.batch_size, spec["channels"], 32, 32)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             net(x)

@@ -213,8 +213,9 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def build_net(args, channels, classes):
-    """The network of args, spatial convs frozen and/or LC-Blocks as asked."""
+def build_net(args):
+    """The network of args for its dataset, spatial convs frozen and/or LC-Blocks as asked."""
+    channels, classes = DATASETS[args.dataset]["channels"], DATASETS[args.dataset]["classes"]
     lc = dict(expansion=args.expansion, frozen=args.frozen, init=args.init, intermediate=args.intermediate)
     if args.model in ARCH_FLAGS:
         arch = {flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]}
@@ -241,6 +242,12 @@ def train_step(model, optimizer, x, y, label_smoothing, autocast):
     loss.backward()
     optimizer.step()
     return loss.detach(), logits.detach()
+
+
+def to_device(model, device):
+    """The model on the device, channels_last on CUDA (faster convs with bf16)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 def to_input(images, device):
@@ -387,19 +394,20 @@ def append_result(path, result):
         os.close(fd)
 
 
-def finished(path, config):
-    """Whether the results file at path holds a run with this config."""
-    if not Path(path).exists():
-        return False
-    with open(path) as f:
-        for line in f:
-            try:
-                result = json.loads(line)
-            except json.JSONDecodeError:  # not ours; ignore
-                continue
-            if {k: result.get(k) for k in config} == config:
-                return True
-    return False
+def read_results(path):
+    """The results in path (a list of dicts); lines that are not JSON are skipped."""
+    results = []
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:  # not ours
+            continue
+    return results
+
+
+def has_result(results, config):
+    """Whether one of the results was run with this config."""
+    return any(all(r.get(k) == v for k, v in config.items()) for r in results)
 
 
 # -----------------------------------------------------------------------------
@@ -417,9 +425,7 @@ def bench_configs():
 
 def bench_setup(kwargs, two_conv, batch_size, device):
     torch.manual_seed(0)
-    model = lcconv.resnet(**kwargs).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = to_device(lcconv.resnet(**kwargs), device)
     if two_conv:  # the literal LC-Block instead of the folded one
         for m in model.modules():
             if isinstance(m, lcconv.LCConv2d):
@@ -527,20 +533,18 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args, device)
     config = recipe(args)
-    if args.skip_finished and finished(args.out, config):
+    if args.skip_finished and has_result(read_results(args.out), config):
         print(f"already in {args.out}: {json.dumps(config)}")
         return
     try:
         torch.manual_seed(args.seed)  # fixes the random filters
-        net = build_net(args, DATASETS[args.dataset]["channels"], DATASETS[args.dataset]["classes"])
+        net = build_net(args)
         state = load_checkpoint(args.checkpoint, config, device) if args.checkpoint else None
         data = load_data(args, device)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"train.py: error: {e}")
     # the network takes [0, 1] images and normalises them itself, so attacks work on those
-    model = nn.Sequential(OrderedDict(normalize=Normalize(data["mean"], data["std"]), net=net)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = to_device(nn.Sequential(OrderedDict(normalize=Normalize(data["mean"], data["std"]), net=net)), device)
     optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay)
     steps_per_epoch = math.ceil(len(data["train_y"]) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
