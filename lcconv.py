@@ -1,7 +1,7 @@
 """
-Learning with random convolutions: the LC-Block, the models it goes into, and the filter
-analysis of Gavrikov & Keuper, "The Power of Linear Combinations: Learning with Random
-Convolutions" (arXiv:2301.11360).
+Learning with random convolutions: the LC-Block, the models it goes into, why it trains, and
+the filter analysis of Gavrikov & Keuper, "The Power of Linear Combinations: Learning with
+Random Convolutions" (arXiv:2301.11360).
 
 A k×k conv followed directly by a 1×1 conv is one k×k conv whose filters are linear
 combinations (LCs) of the first conv's filters. So the k×k filters can stay frozen at their
@@ -9,12 +9,15 @@ random initialization while the 1×1 weights learn how to combine them. With E·
 filters per layer (the LC expansion E), a frozen ResNet-LC-20-16x128 reaches 91.89% on
 CIFAR-10, above the learnable ResNet-20-16 (91.60%, the paper's Table 1).
 
-Contents, top to bottom: spatial-filter init -> LCConv2d -> spatial_conv (the factory every
-model uses) -> resnet -> convmixer -> convert (any model) -> analysis.
+Why it trains: with SGD, a frozen LC-Block trains exactly like one plain k×k conv whose
+weight gradient is right-multiplied by the fixed matrix P = SᵀS of its random filters S
+(`PreconditionedConv2d`); for large E, P ≈ α·I, a learning rate α that grows with E.
+
+Contents, top to bottom: random filters -> LCConv2d -> plain ResNet and ConvMixer ->
+convert (the one way in) and fold (the one way out) -> the preconditioned form -> analysis.
 """
 import math
 from collections import OrderedDict
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,38 +28,63 @@ INITS = ("kaiming_uniform", "kaiming_normal", "center")
 INTERMEDIATES = ("none", "relu", "bn", "bn_relu")
 
 # -----------------------------------------------------------------------------
-# Spatial-filter initialization
+# Random filters
+
+
+def init_std(shape, init="kaiming_uniform"):
+    """The std of each entry of a random conv weight of `shape` (c_out, c_in/groups, kh, kw),
+    as a (kh, kw) tensor (float64). All inits keep PyTorch's default std on average,
+    s = 1/sqrt(3·d) with d = c_in/groups·kh·kw (paper, Appendix B). `center` scales it by
+    g/sqrt(mean(g²)), g(y, x) = exp(-((y - cy)²/σy² + (x - cx)²/σx²)/2), σ = k/4: a radial
+    Gaussian envelope, exp(r²/σ²) times more variance at the centre than at distance r (35×
+    the corners of a 3×3, 556× those of a 9×9). Our own test of the paper's open question."""
+    kh, kw = shape[-2:]
+    std = torch.full((kh, kw), 1 / math.sqrt(3 * math.prod(shape[1:])), dtype=torch.float64, device="cpu")
+    if init != "center":
+        return std
+    y = (torch.arange(kh, dtype=torch.float64, device="cpu") - (kh - 1) / 2) / (kh / 4)
+    x = (torch.arange(kw, dtype=torch.float64, device="cpu") - (kw - 1) / 2) / (kw / 4)
+    g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / 2)
+    return std * g / g.pow(2).mean().sqrt()
 
 
 @torch.no_grad()
-def init_spatial_(weight, init="kaiming_uniform"):
-    """Fill a conv weight (c_out, c_in/groups, kh, kw) in place with random filters.
-
-    All three inits have the std of PyTorch's Conv2d default, s = 1/sqrt(3·fan_in) with
-    fan_in = c_in/groups·kh·kw (paper, Appendix B: other distributions keep that std).
-      kaiming_uniform: w ~ U[-√3·s, √3·s], i.i.d. (PyTorch's default and the paper's).
-      kaiming_normal:  w ~ N(0, s²), i.i.d.
-      center:          w[o, i, y, x] = z · s · g(y, x) / sqrt(mean(g²)),  z ~ N(0, 1) i.i.d.,
-                       g(y, x) = exp(-((y - cy)² / σy² + (x - cx)² / σx²) / 2),
-                       (cy, cx) the kernel centre, σy = kh/4, σx = kw/4.
-        A radial Gaussian envelope: per-position variance s²·g²/mean(g²), so the layer's
-        mean variance is s² while the centre gets exp(r²/σ²) times the variance of a
-        position at distance r (35× the corners of a 3×3, 556× those of a 9×9). Our own
-        hypothesis for the paper's open question; not from the paper.
-    """
+def init_filters_(weight, init="kaiming_uniform"):
+    """Fill a conv weight (c_out, c_in/groups, kh, kw) in place with random filters of std
+    init_std: kaiming_uniform U[-√3·s, √3·s] (PyTorch's default, the paper's), kaiming_normal
+    N(0, s²), center N(0, init_std²). Entries are i.i.d. (independent, for center)."""
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    std = 1 / math.sqrt(3 * weight[0].numel())
+    std = init_std(weight.shape, init)
     if init == "kaiming_uniform":
-        return weight.uniform_(-math.sqrt(3) * std, math.sqrt(3) * std)
-    if init == "kaiming_normal":
-        return weight.normal_(0, std)
-    kh, kw = weight.shape[-2:]
-    y = (torch.arange(kh, dtype=torch.float64) - (kh - 1) / 2) / (kh / 4)
-    x = (torch.arange(kw, dtype=torch.float64) - (kw - 1) / 2) / (kw / 4)
-    g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / 2)  # (kh, kw)
-    g = g / g.pow(2).mean().sqrt()
-    return weight.normal_(0, std).mul_(g.to(weight))
+        bound = math.sqrt(3) * std[0, 0].item()
+        return weight.uniform_(-bound, bound)
+    return weight.normal_(0, 1).mul_(std.to(weight))
+
+
+def _check_conv(in_channels, out_channels, kernel_size, groups, padding, dilation):
+    """nn.Conv2d's arguments with padding=None meaning 'same' (odd kernels) -> padding;
+    bad values raise ValueError."""
+    for name, value in [("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    kernel_size, dilation = _pair(kernel_size), _pair(dilation)
+    if min(kernel_size) < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+                         f"must both be divisible by groups ({groups})")
+    if padding is None:
+        if not all(k % 2 for k in kernel_size):
+            raise ValueError(f"padding=None ('same') needs an odd kernel_size, got {kernel_size}; "
+                             "pass padding explicitly for even kernels")
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
+    return padding
+
+
+def _check_expansion(expansion):
+    if not isinstance(expansion, int) or isinstance(expansion, bool) or expansion < 1:
+        raise ValueError(f"expansion must be an integer >= 1 for an LC-Block, got {expansion!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -67,34 +95,31 @@ class LCConv2d(nn.Module):
     """The paper's LC-Block: a k×k conv c_in -> c_out·E, then a 1×1 conv c_out·E -> c_out.
 
     Arguments and attributes follow nn.Conv2d; `padding=None` means 'same' for odd kernels.
-    Where it goes beyond the paper's description:
-    - forward() folds the block into ONE k×k conv with `combined_weight` (a 1×1 conv after a
-      k×k conv is a k×k conv), so compute and activation memory do not grow with E;
-      `forward_two_conv()` is the literal block. The two agree to float tolerance.
+    frozen=True keeps the k×k filters at their random init (no gradient, hence no weight
+    decay or momentum); the 1×1 weights always learn. `intermediate` puts ReLU and/or BN
+    between the convs (the paper's Table 3). Where it goes beyond the paper:
+    - a linear block (no intermediate op) runs as ONE k×k conv with `combined_weight`, so
+      compute and activation memory do not grow with E.
     - `groups` applies to both convs, so every group's filters combine only inside the group
       and the block folds into a grouped (depthwise when groups = c_in = c_out) conv.
     - a bias, if asked for, sits on the 1×1 conv, where it is the folded conv's bias.
-    frozen=True keeps the k×k filters at their random init (no gradient, hence no weight
-    decay or momentum); the 1×1 weights always learn. `intermediate` puts ReLU and/or BN
-    between the convs (the paper's Table 3); the block is then no longer linear and runs as
-    two convs.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None,
                  dilation=1, groups=1, bias=False, expansion=1, frozen=True,
                  init="kaiming_uniform", intermediate="none"):
         super().__init__()
-        if expansion < 1:
-            raise ValueError(f"expansion must be >= 1 for an LCConv2d, got {expansion}")
+        padding = _check_conv(in_channels, out_channels, kernel_size, groups, padding, dilation)
+        _check_expansion(expansion)
         if intermediate not in INTERMEDIATES:
             raise ValueError(f"intermediate must be one of {', '.join(INTERMEDIATES)}, "
                              f"got {intermediate!r}")
         self.in_channels, self.out_channels, self.expansion = in_channels, out_channels, expansion
         maps = out_channels * expansion  # the random feature maps the 1×1 conv combines
-        self.spatial = _conv2d(in_channels, maps, kernel_size, stride, padding, dilation, groups, bias=False)
+        self.spatial = nn.Conv2d(in_channels, maps, kernel_size, stride, padding, dilation, groups, bias=False)
         self.kernel_size, self.stride = self.spatial.kernel_size, self.spatial.stride
         self.padding, self.dilation, self.groups = self.spatial.padding, self.spatial.dilation, groups
-        init_spatial_(self.spatial.weight, init)
+        init_filters_(self.spatial.weight, init)
         self.spatial.weight.requires_grad_(not frozen)
         self.intermediate = {"none": nn.Identity(), "relu": nn.ReLU(inplace=True), "bn": nn.BatchNorm2d(maps),
                              "bn_relu": nn.Sequential(nn.BatchNorm2d(maps), nn.ReLU(inplace=True))}[intermediate]
@@ -110,22 +135,22 @@ class LCConv2d(nn.Module):
 
     @property
     def combined_weight(self):
-        """The folded filters, (c_out, c_in/groups, kh, kw): the paper's "combined filters"."""
+        """The folded filters K = C·S per group, (c_out, c_in/groups, kh, kw): the paper's
+        "combined filters"."""
         g = self.groups
-        spatial = self.spatial.weight.reshape(g, -1, self.spatial.weight[0].numel())  # (g, c_out·E/g, c_in/g·kh·kw)
-        combine = self.combine.weight.reshape(g, self.out_channels // g, -1)  # (g, c_out/g, c_out·E/g)
+        spatial = self.spatial.weight.reshape(g, -1, self.spatial.weight[0].numel())  # S: (g, m, d)
+        combine = self.combine.weight.reshape(g, self.out_channels // g, -1)  # C: (g, c_out/g, m)
         return torch.matmul(combine, spatial).reshape(self.out_channels, -1, *self.kernel_size)
 
     def forward(self, x):
-        if not self.linear:
-            return self.forward_two_conv(x)
+        if not self.linear:  # the block as the paper draws it
+            x = self.spatial(x)  # (B, c_out·E, H', W'): E·c_out random feature maps
+            x = self.intermediate(x)  # Table 3: ReLU and/or BN in between
+            return self.combine(x)  # (B, c_out, H', W'): their learned linear combinations
+        # Linear: the same function as one k×k conv with the combined filters (a 1×1 conv
+        # after a k×k conv is a k×k conv), so its cost does not grow with E
         return F.conv2d(x, self.combined_weight, self.combine.bias, self.stride, self.padding,
                         self.dilation, self.groups)
-
-    def forward_two_conv(self, x):
-        x = self.spatial(x)  # (B, c_out·E, H', W'): E·c_out random feature maps
-        x = self.intermediate(x)
-        return self.combine(x)  # (B, c_out, H', W')
 
     @torch.no_grad()
     def to_conv2d(self):
@@ -133,54 +158,95 @@ class LCConv2d(nn.Module):
         if not self.linear:
             raise RuntimeError(f"an LC-Block with an intermediate {self.intermediate} is not "
                                "linear and does not fold into one conv")
-        weight = self.combined_weight
-        conv = _conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                       self.padding, self.dilation, self.groups, bias=self.combine.bias is not None)
-        conv.to(weight).weight.copy_(weight)
-        if conv.bias is not None:
-            conv.bias.copy_(self.combine.bias)
-        return conv
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.combine.bias is not None, device="meta")
+        return _filled(conv, self.combined_weight, self.combine.bias)
+
+    @torch.no_grad()
+    def preconditioner(self):
+        """P = SᵀS per group, (groups, d, d) with d = c_in/groups·kh·kw: the matrix that turns
+        this block's training into that of one conv (see PreconditionedConv2d)."""
+        spatial = self.spatial.weight.reshape(self.groups, -1, self.spatial.weight[0].numel())
+        return spatial.transpose(1, 2) @ spatial
+
+    @torch.no_grad()
+    def to_preconditioned(self):
+        """The PreconditionedConv2d that trains exactly as this frozen, linear block: weight
+        K = combined_weight, P = preconditioner(), the 1×1 conv's bias."""
+        if not (self.frozen and self.linear):
+            raise RuntimeError("only a frozen LC-Block without an intermediate op has a preconditioned form")
+        conv = PreconditionedConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                    self.padding, self.dilation, self.groups, self.combine.bias is not None,
+                                    self.expansion, device="meta")
+        return _filled(conv, self.combined_weight, self.combine.bias, self.preconditioner())
 
     def extra_repr(self):
         return f"expansion={self.expansion}, frozen={self.frozen}"
 
 
-def _conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias):
-    """nn.Conv2d with 'same' padding for padding=None, and argument errors as ValueError."""
-    kernel_size, dilation = _pair(kernel_size), _pair(dilation)
-    if min(kernel_size) < 1:
-        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
-    if in_channels % groups or out_channels % groups:
-        raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
-                         f"must both be divisible by groups ({groups})")
-    if padding is None:
-        if not all(k % 2 for k in kernel_size):
-            raise ValueError(f"padding=None ('same') needs an odd kernel_size, got {kernel_size}; "
-                             "pass padding explicitly for even kernels")
-        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+@torch.no_grad()
+def _filled(conv, weight, bias, preconditioner=None):
+    """conv (built on the meta device, which draws no random numbers) materialised on
+    weight's device and filled with copies of weight, bias and preconditioner."""
+    conv = conv.to_empty(device=weight.device).to(weight.dtype)
+    conv.weight.copy_(weight)
+    if bias is not None:
+        conv.bias.copy_(bias)
+    if preconditioner is not None:
+        conv.preconditioner.copy_(preconditioner)
+    return conv
 
 
 # -----------------------------------------------------------------------------
-# The factory for every spatial conv of the models below
+# Why it trains: a frozen LC-Block is a preconditioned conv
+#
+# Per group, S (m × d) are the frozen filters (m = E·c_out/groups, d = c_in/groups·kh·kw),
+# C (c_out/groups × m) the 1×1 weights, K = C·S the combined filters. SGD on C with momentum,
+# Nesterov and weight decay λ maps linearly to K (right-multiply every update by S):
+#     K ← K − η·(∇_K L · P + λ·K),   P = SᵀS,
+# with the momentum buffer mapped the same way. So a frozen LC-Block trains exactly as one
+# k×k conv started at K₀ = C₀·S whose weight gradient is right-multiplied by the fixed P.
+# For i.i.d. filters of std s, E[P] = m·s²·I = α·I, α = E·c_out/(3·c_in·kh·kw): for m ≫ d the
+# block is a plain conv trained with learning rate α·η and weight decay λ/α.
 
 
-def spatial_conv(in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
-                 groups=1, bias=False, expansion=0, frozen=False, init="kaiming_uniform",
-                 intermediate="none"):
-    """expansion=0: a plain nn.Conv2d (frozen or learnable); expansion >= 1: an LCConv2d.
-    `frozen` freezes the filters; a bias keeps learning."""
-    if expansion < 0:
-        raise ValueError(f"expansion must be 0 (plain conv) or >= 1 (LC-Block), got {expansion}")
-    if expansion >= 1:
-        return LCConv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                        groups, bias, expansion, frozen, init, intermediate)
-    if intermediate != "none":
-        raise ValueError(f"intermediate={intermediate!r} needs an LC-Block (expansion >= 1)")
-    conv = _conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-    init_spatial_(conv.weight, init)
-    conv.weight.requires_grad_(not frozen)
-    return conv
+class _RightMultiplyGrad(torch.autograd.Function):
+    """Identity forward; backward right-multiplies the weight's gradient by P per group."""
+
+    @staticmethod
+    def forward(ctx, weight, preconditioner):
+        ctx.save_for_backward(preconditioner)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        preconditioner, = ctx.saved_tensors
+        groups, d = preconditioner.shape[:2]
+        preconditioned = grad.reshape(groups, -1, d) @ preconditioner  # (g, c_out/g, d) @ (g, d, d)
+        return preconditioned.reshape(grad.shape), None
+
+
+class PreconditionedConv2d(nn.Conv2d):
+    """An nn.Conv2d whose weight gradient is right-multiplied by the fixed buffer
+    `preconditioner`, P of shape (groups, d, d), d = c_in/groups·kh·kw; the bias (if any) is an
+    ordinary parameter. With P = SᵀS it trains exactly as the frozen LC-Block with filters S
+    (LCConv2d.to_preconditioned, convert(form="preconditioned")); its memory is d² per group instead of m·d.
+    A fresh one has P = I: a plain conv. `expansion` records the E it stands for."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, expansion=1, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)
+        self.expansion = expansion
+        d = self.weight[0].numel()
+        self.register_buffer("preconditioner", torch.eye(d, device=device, dtype=dtype).repeat(groups, 1, 1))
+
+    def forward(self, x):
+        weight = _RightMultiplyGrad.apply(self.weight, self.preconditioner)
+        return self._conv_forward(x, weight, self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", expansion={self.expansion}"
 
 
 # -----------------------------------------------------------------------------
@@ -188,11 +254,11 @@ def spatial_conv(in_channels, out_channels, kernel_size, stride=1, padding=None,
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, stride, conv):
+    def __init__(self, in_channels, out_channels, stride, kernel_size):
         super().__init__()
-        self.conv1 = conv(in_channels, out_channels, stride=stride)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv(out_channels, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size, 1, kernel_size // 2, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
@@ -206,21 +272,20 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-def resnet(depth=20, width=16, num_classes=10, in_channels=3, kernel_size=3, expansion=0,
-           frozen=False, init="kaiming_uniform", intermediate="none"):
-    """ResNet-{depth}-{width}; with expansion=E, ResNet-LC-{depth}-{width}xE (every spatial
-    conv, the stem's too, is an LC-Block)."""
-    if depth < 8 or (depth - 2) % 6:
+def resnet(depth=20, width=16, num_classes=10, in_channels=3, kernel_size=3):
+    """ResNet-{depth}-{width} with k×k convs (odd k). convert() makes it ResNet-LC-{depth}-{width}xE:
+    every spatial conv, the stem's too, an LC-Block."""
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, 26, ..., 260), got {depth}")
-    conv = partial(spatial_conv, kernel_size=kernel_size, expansion=expansion, frozen=frozen,
-                   init=init, intermediate=intermediate)
-    layers = OrderedDict(stem=conv(in_channels, width), bn=nn.BatchNorm2d(width), relu=nn.ReLU(inplace=True))
+    _check_conv(in_channels, width, kernel_size, 1, None, 1)
+    layers = OrderedDict(stem=nn.Conv2d(in_channels, width, kernel_size, 1, kernel_size // 2, bias=False),
+                         bn=nn.BatchNorm2d(width), relu=nn.ReLU(inplace=True))
     channels = width
     for stage in range(3):
         blocks = []
         for i in range((depth - 2) // 6):
             stride = 2 if stage > 0 and i == 0 else 1
-            blocks.append(BasicBlock(channels, width * 2**stage, stride, conv))
+            blocks.append(BasicBlock(channels, width * 2**stage, stride, kernel_size))
             channels = width * 2**stage
         layers[f"layer{stage + 1}"] = nn.Sequential(*blocks)
     layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(channels, num_classes))
@@ -233,31 +298,33 @@ def resnet(depth=20, width=16, num_classes=10, in_channels=3, kernel_size=3, exp
 
 class Residual(nn.Sequential):
     def forward(self, x):
-        return x + super().forward(x)
+        out = x
+        for layer in self:  # a loop rather than super().forward(), which TorchScript cannot compile
+            out = layer(out)
+        return x + out
 
 
-def convmixer(dim=256, depth=8, kernel_size=9, patch_size=2, num_classes=10, in_channels=3,
-              expansion=0, frozen=False, init="kaiming_uniform", intermediate="none"):
-    """ConvMixer-{dim}/{depth}. Its depthwise convs (and the patch stem when patch_size > 1)
-    are spatial convs: frozen and/or LC-Blocks as asked; an LC depthwise conv stays
-    depthwise. Convs keep PyTorch's default bias, as in the original."""
-    conv = partial(spatial_conv, bias=True, expansion=expansion, frozen=frozen, init=init,
-                   intermediate=intermediate)
-    if patch_size > 1:
-        stem = conv(in_channels, dim, patch_size, stride=patch_size, padding=0)
-    else:
-        stem = nn.Conv2d(in_channels, dim, 1)
-    layers = [stem, nn.GELU(), nn.BatchNorm2d(dim)]
+def convmixer(dim=256, depth=8, kernel_size=9, patch_size=2, num_classes=10, in_channels=3):
+    """ConvMixer-{dim}/{depth}: patch stem, then depth × [residual depthwise k×k conv, 1×1 conv].
+    Convs keep PyTorch's default bias, as in the original. Its spatial convs are the
+    depthwise convs and the patch stem when patch_size > 1."""
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if not isinstance(patch_size, int) or not 1 <= patch_size <= 32:
+        raise ValueError(f"patch_size must be in 1..32 (the images are 32×32), got {patch_size}")
+    _check_conv(in_channels, dim, kernel_size, 1, None, 1)
+    layers = [nn.Conv2d(in_channels, dim, patch_size, stride=patch_size), nn.GELU(), nn.BatchNorm2d(dim)]
     for _ in range(depth):
         layers.append(nn.Sequential(
-            Residual(conv(dim, dim, kernel_size, groups=dim), nn.GELU(), nn.BatchNorm2d(dim)),
+            Residual(nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim), nn.GELU(),
+                     nn.BatchNorm2d(dim)),
             nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim)))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, num_classes)]
     return nn.Sequential(*layers)
 
 
 # -----------------------------------------------------------------------------
-# Any model: frozen random or LC spatial convs (the paper's Fig. 1)
+# Any model: the one way in (convert) and the one way out (fold)
 
 
 def _is_spatial(module):
@@ -267,7 +334,10 @@ def _is_spatial(module):
 def spatial_layers(model, prefix=""):
     """(name, module) of every spatial conv: LC-Blocks and convs with kernel area > 1 (not
     those inside an LC-Block), in registration order, which is the forward order for the
-    models here and torchvision's."""
+    models here and torchvision's. A module shared by two parents comes once per parent."""
+    if not prefix and _is_spatial(model):
+        yield "", model
+        return
     for name, child in model.named_children():
         if _is_spatial(child):
             yield prefix + name, child
@@ -275,23 +345,146 @@ def spatial_layers(model, prefix=""):
             yield from spatial_layers(child, prefix + name + ".")
 
 
-def convert(model, expansion=0, frozen=True, init=None, intermediate="none"):
-    """Replace, in place, every nn.Conv2d with kernel area > 1 by a fresh spatial_conv with
-    the same channels, kernel, stride, padding, dilation, groups and bias: frozen random
-    filters (expansion=0) or an LC-Block (expansion >= 1). init=None means PyTorch's default
-    (kaiming_uniform), the paper's. LC-Blocks already there stay. Returns the model."""
+def _replace(model, new_module):
+    """Replace every spatial conv of model by new_module(name, conv) (or keep it where that
+    returns None), in place. A conv shared by several parents is replaced once and stays
+    shared. Returns the model, or the replacement if the model itself is a spatial conv."""
+    replaced = {}
     for name, conv in list(spatial_layers(model)):
-        if isinstance(conv, LCConv2d):
-            continue
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"convert supports numeric zero padding; {name} has "
-                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
-        new = spatial_conv(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                           conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                           expansion, frozen, init or "kaiming_uniform", intermediate)
+        if id(conv) not in replaced:
+            replaced[id(conv)] = new_module(name or type(model).__name__, conv) or conv
+        if not name:
+            return replaced[id(conv)]
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, new.to(conv.weight.device, conv.weight.dtype))
+        setattr(model.get_submodule(parent), attr, replaced[id(conv)])
     return model
+
+
+def _conv_arguments(name, conv):
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"only numeric zero padding is supported; {name} has "
+                         f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+    return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None)
+
+
+def _draw_filters(groups, m, shape, init, chunk_entries):
+    """The k×k filters S that init_filters_ draws for a (groups·m, *shape) weight, drawn in
+    chunks of rows instead (the same random numbers): yields (group, first row within the
+    group, rows (n, d)), so that S is never held whole."""
+    rows, d = groups * m, math.prod(shape)
+    step = max(16, chunk_entries // d // 16 * 16)  # whole multiples of 16 entries: normal_ draws them as one draw would
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and (rows - starts[-1]) * d < 16:  # ...and so does a last chunk of at least 16
+        starts.pop()
+    for start, stop in zip(starts, starts[1:] + [rows]):
+        chunk = init_filters_(torch.empty(stop - start, *shape), init).reshape(stop - start, d)
+        for group in range(start // m, (stop - 1) // m + 1):
+            first, last = max(start, group * m), min(stop, (group + 1) * m)
+            yield group, first - group * m, chunk[first - start:last - start]
+
+
+@torch.no_grad()
+def _preconditioned_lc_block(name, conv, expansion, init, chunk_entries=2**22):
+    """The PreconditionedConv2d of the frozen LC-Block that convert would put in place of
+    conv: the same random numbers in the same order, so the same K₀ and P, but S drawn in
+    chunks, twice: for P = SᵀS, then (after C is drawn) again for K₀ = C·S."""
+    args = _conv_arguments(name, conv)
+    in_channels, out_channels, kernel_size, groups, bias = args[0], args[1], args[2], args[6], args[7]
+    m, shape = out_channels * expansion // groups, (in_channels // groups, *kernel_size)
+    d = math.prod(shape)
+    for _ in _draw_filters(groups, m, shape, "kaiming_uniform", chunk_entries):
+        pass  # nn.Conv2d's own init of LCConv2d.spatial, which init_filters_ overwrites
+    filters_state = torch.get_rng_state()
+    preconditioner = torch.zeros(groups, d, d)
+    for group, _, filters in _draw_filters(groups, m, shape, init, chunk_entries):
+        preconditioner[group] += filters.T @ filters
+    combine = nn.Conv2d(out_channels * expansion, out_channels, 1, groups=groups, bias=bias)  # C, as LCConv2d draws it
+    end_state = torch.get_rng_state()
+    torch.set_rng_state(filters_state)
+    c = combine.weight.reshape(groups, out_channels // groups, m)
+    weight = torch.zeros(groups, out_channels // groups, d)
+    for group, first, filters in _draw_filters(groups, m, shape, init, chunk_entries):
+        weight[group] += c[group, :, first:first + len(filters)] @ filters
+    torch.set_rng_state(end_state)
+    new = PreconditionedConv2d(*args, expansion=expansion, device="meta")
+    return _filled(new, weight.reshape(out_channels, *shape), combine.bias, preconditioner)
+
+
+@torch.no_grad()
+def _lc_limit_conv(name, conv, expansion, init):
+    """The m ≫ d limit of a frozen LC ×E in place of conv: P replaced by its expectation
+    E[P] = m·diag(init_std²) (α·I for the i.i.d. inits, α = m·s² = E·c_out/(3·c_in·kh·kw);
+    α·diag(g²/mean(g²)) per kernel position for center), weight K₀ = C₀·S drawn as its limit
+    N(0, init_std²/3) (C₀ has std 1/sqrt(3m)), bias 0 (the limit of the 1×1 conv's U(±1/√m))."""
+    args = _conv_arguments(name, conv)
+    new = PreconditionedConv2d(*args, expansion=expansion, device="meta").to_empty(device="cpu")
+    groups = new.groups
+    m = new.out_channels * expansion // groups
+    std = init_std(new.weight.shape, init).to(new.weight)
+    new.weight.normal_(0, 1).mul_(std / math.sqrt(3))
+    if new.bias is not None:
+        new.bias.zero_()
+    variance = (m * std**2).expand(new.weight.shape[1:]).reshape(-1)  # (d,)
+    new.preconditioner.copy_(torch.diag(variance).expand(groups, -1, -1))
+    return new
+
+
+FORMS = ("block", "preconditioned", "limit")
+
+
+def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediate="none", form="block"):
+    """Replace, in place, every nn.Conv2d with kernel area > 1 by a fresh random one with the
+    same channels, kernel, stride, padding, dilation, groups and bias: a plain conv
+    (expansion=0; frozen or learnable) or an LC-Block of that expansion. init is the
+    filters' distribution (default PyTorch's, the paper's). LC-Blocks already there stay.
+    A frozen linear LC-Block can also come in another form (expansion >= 1, frozen):
+      form="preconditioned": its exact PreconditionedConv2d, drawn from the same random
+        numbers as the block (same seed, same K₀ and P) without ever holding its m·d filters;
+      form="limit": the m ≫ d limit, P replaced by its expectation (see _lc_limit_conv).
+    Returns the model (the new conv, if model itself is one)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if expansion != 0:
+        _check_expansion(expansion)
+    elif intermediate != "none":
+        raise ValueError(f"intermediate={intermediate!r} needs an LC-Block (expansion >= 1)")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if form != "block" and not (expansion and frozen and intermediate == "none"):
+        raise ValueError(f"form={form!r} needs a frozen LC-Block without intermediate op (expansion >= 1, frozen=True)")
+
+    def new_module(name, conv):
+        if isinstance(conv, LCConv2d):
+            return None
+        args = _conv_arguments(name, conv)
+        if form == "preconditioned":
+            new = _preconditioned_lc_block(name, conv, expansion, init)
+        elif form == "limit":
+            new = _lc_limit_conv(name, conv, expansion, init)
+        elif expansion:
+            new = LCConv2d(*args, expansion, frozen, init, intermediate)
+        else:
+            new = nn.Conv2d(*args)
+            init_filters_(new.weight, init)
+            new.weight.requires_grad_(not frozen)
+        return new.to(conv.weight.device, conv.weight.dtype)
+    return _replace(model, new_module)
+
+
+def fold(model):
+    """For deployment: replace, in place, every linear LC-Block (and PreconditionedConv2d) by
+    the nn.Conv2d computing the same function; outputs are equal in eval mode (as in RepVGG
+    and timm's reparameterize_model). LC-Blocks with an op between their convs are not
+    linear and stay as they are. Returns the model (the conv, if model itself is a block)."""
+    def new_module(name, conv):
+        if isinstance(conv, LCConv2d) and conv.linear:
+            return conv.to_conv2d()
+        if isinstance(conv, PreconditionedConv2d):
+            plain = nn.Conv2d(*_conv_arguments(name, conv), device="meta")
+            return _filled(plain, conv.weight.detach(), conv.bias)
+        return None
+    return _replace(model, new_module)
 
 
 # -----------------------------------------------------------------------------
@@ -331,14 +524,52 @@ def filter_variance_entropy(weight):
 
 @torch.no_grad()
 def spatial_variance(model):
-    """(k, k) variance over all kernels of the model (the paper's Fig. 8b): each layer's
-    combined filters divided by that layer's std, stacked, variance per position. Layers
-    whose kernel shape is not the model's most common one (a patch stem) are left out."""
+    """(k, k) variance over all kernels of the model at each kernel position (the paper's
+    Fig. 8b): each layer's combined filters divided by that layer's std, stacked, variance
+    per position. Layers whose kernel shape is not the model's most common one (a patch
+    stem) are left out."""
     filters = list(combined_filters(model).values())
     shapes = [f.shape[-2:] for f in filters]
     shape = max(set(shapes), key=shapes.count)
     kernels = [(f / f.std()).reshape(-1, *shape) for f in filters if f.shape[-2:] == shape]
     return torch.cat(kernels).var(0)
+
+
+@torch.no_grad()
+def basis_summary(model):
+    """How rank-complete and well-conditioned each layer's random basis is: for every frozen
+    LC-Block and PreconditionedConv2d, {name, m, d, rank, alpha, alpha_iid, spread, spread_mp},
+    each a mean over the layer's groups.
+      m = E·c_out/groups filters of d = c_in/groups·kh·kw entries per group; P = SᵀS (d × d);
+      rank = rank(P)/d = min(m, d)/d for random filters: the share of the d-dim filter
+        space that the combined filters can reach;
+      alpha = trace(P)/d, P's mean eigenvalue: the layer's effective learning-rate factor;
+        alpha_iid = m·s² = E·c_out/(3·c_in·kh·kw), its expectation for i.i.d. filters;
+      spread = largest / smallest nonzero eigenvalue of P (1 = P ∝ identity on its range);
+        spread_mp = ((1 + √q) / (1 - √q))², q = min(m, d)/max(m, d): the Marchenko-Pastur
+        prediction for i.i.d. filters, which tends to 1 as E grows.
+    The limit form (P = E[P]) has rank 1, spread 1 for i.i.d. inits."""
+    summary = []
+    for name, layer in spatial_layers(model):
+        if isinstance(layer, LCConv2d) and layer.frozen and layer.linear:
+            preconditioner = layer.preconditioner()
+        elif isinstance(layer, PreconditionedConv2d):
+            preconditioner = layer.preconditioner
+        else:
+            continue
+        groups, d = preconditioner.shape[:2]
+        m = layer.out_channels * layer.expansion // groups
+        eigenvalues = torch.linalg.eigvalsh(preconditioner.double().cpu())  # (groups, d), ascending
+        nonzero = eigenvalues > eigenvalues[:, -1:] * 1e-5  # float32 filters: smaller is rounding
+        smallest = torch.where(nonzero, eigenvalues, math.inf).min(1).values
+        q = min(m, d) / max(m, d)
+        summary.append(dict(
+            name=name, m=m, d=d, rank=nonzero.double().mean().item(),
+            alpha=eigenvalues.mean().item(),
+            alpha_iid=layer.out_channels * layer.expansion / (3 * layer.in_channels * math.prod(layer.kernel_size)),
+            spread=(eigenvalues[:, -1] / smallest).mean().item(),
+            spread_mp=((1 + q**0.5) / (1 - q**0.5)) ** 2 if q < 1 else math.inf))
+    return summary
 
 
 def count_parameters(model):

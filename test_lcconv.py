@@ -10,30 +10,42 @@ import torchvision
 from torch import nn
 
 import lcconv
-from lcconv import LCConv2d
+from lcconv import LCConv2d, PreconditionedConv2d
 
 
 def assert_close(a, b, atol=1e-5, rtol=1e-4):
     assert torch.allclose(a, b, atol=atol, rtol=rtol), f"max abs difference {(a - b).abs().max():.3g}"
 
 
+def lc_resnet(depth=8, width=4, kernel_size=3, expansion=0, frozen=False, init="kaiming_uniform",
+              intermediate="none", form="block", **kw):
+    return lcconv.convert(lcconv.resnet(depth, width, kernel_size=kernel_size, **kw), expansion, frozen, init,
+                          intermediate, form)
+
+
+def lc_convmixer(dim=8, depth=2, kernel_size=5, expansion=0, frozen=False, init="kaiming_uniform",
+                 intermediate="none", form="block", **kw):
+    return lcconv.convert(lcconv.convmixer(dim, depth, kernel_size, **kw), expansion, frozen, init, intermediate, form)
+
+
 # -----------------------------------------------------------------------------
-# LCConv2d: the folded conv, the two-conv block and to_conv2d compute the same function
+# LCConv2d: the folded conv computes the paper's two-conv block; to_conv2d and fold keep it
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 5, 7, 9])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("in_channels, out_channels, groups", [(4, 6, 1), (6, 4, 2), (8, 8, 8)])
 @pytest.mark.parametrize("expansion", [1, 3])
-def test_one_conv_two_conv_and_to_conv2d_agree(kernel_size, stride, in_channels, out_channels,
-                                               groups, expansion):
+def test_folded_block_equals_the_two_convs_and_to_conv2d(kernel_size, stride, in_channels, out_channels,
+                                                         groups, expansion):
     torch.manual_seed(0)
     block = LCConv2d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=True,
                      expansion=expansion)
     nn.init.normal_(block.combine.bias)
     x = torch.randn(2, in_channels, 11, 11)
     folded = block(x)
-    assert_close(folded, block.forward_two_conv(x))
+    maps = F.conv2d(x, block.spatial.weight, None, stride, kernel_size // 2, 1, groups)  # the paper's block
+    assert_close(folded, F.conv2d(maps, block.combine.weight, block.combine.bias, groups=groups))
     assert_close(folded, block.to_conv2d()(x))
     assert block.combined_weight.shape == (out_channels, in_channels // groups, kernel_size, kernel_size)
     assert folded.shape == (2, out_channels, math.ceil(11 / stride), math.ceil(11 / stride))
@@ -51,14 +63,56 @@ def test_depthwise_lc_block_folds_into_a_depthwise_conv():
 
 
 @pytest.mark.parametrize("intermediate", ["relu", "bn", "bn_relu"])
-def test_intermediate_op_runs_two_convs_and_does_not_fold(intermediate):
+def test_intermediate_op_sits_between_the_two_convs(intermediate):
     torch.manual_seed(0)
     block = LCConv2d(4, 4, 3, expansion=2, intermediate=intermediate)
     x = torch.randn(8, 4, 6, 6)
-    assert_close(block(x), block.forward_two_conv(x))
+    maps = F.conv2d(x, block.spatial.weight, padding=1)
+    if "bn" in intermediate:  # training mode: normalised with the batch's statistics
+        maps = (maps - maps.mean((0, 2, 3), keepdim=True)) / (maps.var((0, 2, 3), unbiased=False, keepdim=True)
+                                                              + 1e-5).sqrt()
+    if "relu" in intermediate:
+        maps = maps.relu()
+    assert_close(block(x), F.conv2d(maps, block.combine.weight))
     assert not torch.allclose(block(x), F.conv2d(x, block.combined_weight, padding=1), atol=1e-3)
     with pytest.raises(RuntimeError, match="not linear"):
         block.to_conv2d()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: lc_resnet(expansion=4, frozen=True), lambda: lc_resnet(kernel_size=5, expansion=2),
+    lambda: lc_convmixer(expansion=3, frozen=True), lambda: lc_resnet(expansion=4, frozen=True, form="preconditioned"),
+    lambda: lc_resnet(expansion=2, intermediate="bn")])
+def test_fold_replaces_linear_blocks_by_convs_with_equal_outputs(build):
+    torch.manual_seed(0)
+    model = build().eval()
+    for m in model.modules():  # BN statistics away from the identity, so they matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 16, 16)
+    before = model(x)
+    nonlinear = [n for n, m in lcconv.spatial_layers(model) if isinstance(m, LCConv2d) and not m.linear]
+    folded = lcconv.fold(model)
+    assert folded is model
+    assert_close(model(x), before)
+    for name, layer in lcconv.spatial_layers(model):
+        assert isinstance(layer, LCConv2d) == (name in nonlinear), name
+        assert type(layer) in (LCConv2d, nn.Conv2d), name
+    assert lcconv.count_parameters(model)[1] <= lcconv.count_parameters(build())[1]
+
+
+def test_fold_and_convert_return_a_block_that_is_the_whole_model():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    block = lcconv.convert(conv, expansion=2)
+    assert isinstance(block, LCConv2d)
+    assert isinstance(lcconv.fold(block), nn.Conv2d)
+
+
+def test_convert_keeps_a_conv_shared_by_two_parents_shared():
+    shared = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(nn.Sequential(shared), nn.Sequential(shared))
+    lcconv.convert(model, expansion=2)
+    assert isinstance(model[0][0], LCConv2d) and model[0][0] is model[1][0]
 
 
 # -----------------------------------------------------------------------------
@@ -68,7 +122,7 @@ def test_intermediate_op_runs_two_convs_and_does_not_fold(intermediate):
 @pytest.mark.parametrize("expansion", [0, 4])
 def test_frozen_filters_are_bit_identical_after_training_steps(expansion):
     torch.manual_seed(0)
-    model = lcconv.resnet(depth=8, width=4, expansion=expansion, frozen=True)
+    model = lc_resnet(expansion=expansion, frozen=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # all parameters on purpose, frozen ones included: they get no gradient, so SGD skips them
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
@@ -127,13 +181,13 @@ def test_resnet20_16_has_the_papers_parameter_count():
 @pytest.mark.parametrize("depth, width, kernel_size, expansion", [
     (20, 16, 3, 0), (20, 16, 3, 1), (20, 16, 3, 128), (8, 8, 5, 4), (14, 32, 9, 2), (260, 4, 3, 0)])
 def test_parameter_counts_match_closed_form(depth, width, kernel_size, expansion):
-    model = lcconv.resnet(depth, width, kernel_size=kernel_size, expansion=expansion, frozen=True)
+    model = lc_resnet(depth, width, kernel_size, expansion=expansion, frozen=True)
     assert lcconv.count_parameters(model) == resnet_parameters(depth, width, kernel_size, expansion)
 
 
 def test_convmixer_parameter_count():
     dim, depth, k, p, e = 32, 3, 5, 2, 4
-    model = lcconv.convmixer(dim, depth, k, p, num_classes=10, expansion=e, frozen=True)
+    model = lc_convmixer(dim, depth, k, expansion=e, frozen=True, patch_size=p, num_classes=10)
     stem = dim * e * 3 * p * p, dim * e * dim + dim  # (frozen, learnable): spatial; 1×1 + bias
     depthwise = dim * e * k * k, dim * e + dim  # grouped 1×1: each channel combines its own E maps
     other = 2 * dim + depth * (2 * dim + dim * dim + dim + 2 * dim) + dim * 10 + 10
@@ -142,7 +196,7 @@ def test_convmixer_parameter_count():
 
 
 # -----------------------------------------------------------------------------
-# Spatial-filter inits
+# Random filter inits
 
 
 def test_default_init_is_pytorchs():
@@ -156,11 +210,15 @@ def test_default_init_is_pytorchs():
     assert reference.weight.abs().max() <= 1 / math.sqrt(fan_in)
 
 
+def random_filters(c_in, c_out, kernel_size, init="kaiming_uniform"):
+    return lcconv.convert(nn.Conv2d(c_in, c_out, kernel_size), init=init).weight
+
+
 @pytest.mark.parametrize("init", ["kaiming_normal", "center"])
 @pytest.mark.parametrize("kernel_size", [3, 9])
 def test_other_inits_keep_the_default_std(init, kernel_size):
     torch.manual_seed(0)
-    w = lcconv.spatial_conv(32, 64, kernel_size, init=init).weight
+    w = random_filters(32, 64, kernel_size, init)
     assert w.std().item() == pytest.approx(1 / math.sqrt(3 * 32 * kernel_size**2), rel=0.03)
     assert w.mean().abs() < 0.05 * w.std()
 
@@ -168,13 +226,13 @@ def test_other_inits_keep_the_default_std(init, kernel_size):
 @pytest.mark.parametrize("kernel_size", [3, 5, 9])
 def test_center_init_puts_variance_in_the_centre(kernel_size):
     torch.manual_seed(0)
-    w = lcconv.spatial_conv(128, 128, kernel_size, init="center").weight.reshape(-1, kernel_size, kernel_size)
+    w = random_filters(128, 128, kernel_size, "center").reshape(-1, kernel_size, kernel_size)
     variance = w.var(0)
     c, sigma = kernel_size // 2, kernel_size / 4
     expected = math.exp((2 * c**2) / sigma**2)  # centre / corner = exp(r² / σ²)
     assert (variance[c, c] / variance[0, 0]).item() == pytest.approx(expected, rel=0.1)
     assert variance[c, c] == variance.max()
-    uniform = lcconv.spatial_conv(128, 128, kernel_size).weight.reshape(-1, kernel_size, kernel_size).var(0)
+    uniform = random_filters(128, 128, kernel_size).reshape(-1, kernel_size, kernel_size).var(0)
     assert (uniform.max() / uniform.min()).item() < 1.1
 
 
@@ -215,7 +273,7 @@ def test_fve_threshold_values():
 
 
 def test_combined_filters_in_forward_order():
-    model = lcconv.resnet(depth=8, width=4, expansion=2)
+    model = lc_resnet(expansion=2)
     filters = lcconv.combined_filters(model)
     assert list(filters) == ["stem", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1",
                              "layer2.0.conv2", "layer3.0.conv1", "layer3.0.conv2"]
@@ -225,12 +283,12 @@ def test_combined_filters_in_forward_order():
 
 def test_spatial_variance_is_uniform_for_iid_filters_and_centred_for_center_init():
     torch.manual_seed(0)
-    for model in [lcconv.resnet(kernel_size=5), lcconv.resnet(kernel_size=5, expansion=4, frozen=True),
-                  lcconv.convmixer(dim=256, depth=4, kernel_size=7, expansion=2)]:
+    for model in [lcconv.resnet(kernel_size=5), lc_resnet(20, 16, 5, expansion=4, frozen=True),
+                  lc_convmixer(256, 4, 7, expansion=2)]:
         variance = lcconv.spatial_variance(model)
         assert variance.shape == (model_kernel(model),) * 2
         assert (variance.std() / variance.mean()).item() < 0.06  # sampling noise only
-    centred = lcconv.spatial_variance(lcconv.resnet(kernel_size=5, init="center"))
+    centred = lcconv.spatial_variance(lc_resnet(20, 16, 5, init="center"))
     assert (centred[2, 2] / centred[0, 0]).item() > 10
 
 
@@ -274,7 +332,9 @@ def test_convert_torchvision_models(arch, expansion):
 
 MODES = {"learnable": dict(), "frozen": dict(frozen=True), "lc": dict(expansion=2),
          "lc_frozen": dict(expansion=2, frozen=True), "lc_bn_relu": dict(expansion=2, intermediate="bn_relu"),
-         "center": dict(expansion=2, frozen=True, init="center")}
+         "center": dict(expansion=2, frozen=True, init="center"),
+         "preconditioned": dict(expansion=2, frozen=True, form="preconditioned"),
+         "limit": dict(expansion=2, frozen=True, init="center", form="limit")}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -282,25 +342,33 @@ MODES = {"learnable": dict(), "frozen": dict(frozen=True), "lc": dict(expansion=
 @pytest.mark.parametrize("arch", ["resnet", "convmixer"])
 def test_every_model_mode_and_kernel_size_runs(arch, kernel_size, mode):
     torch.manual_seed(0)
-    if arch == "resnet":
-        model = lcconv.resnet(depth=8, width=4, num_classes=7, in_channels=1, kernel_size=kernel_size, **MODES[mode])
-    else:
-        model = lcconv.convmixer(dim=8, depth=2, kernel_size=kernel_size, num_classes=7, in_channels=1, **MODES[mode])
+    build = lc_resnet if arch == "resnet" else lc_convmixer
+    model = build(kernel_size=kernel_size, num_classes=7, in_channels=1, **MODES[mode])
     out = model(torch.randn(2, 1, 16, 16))
     assert out.shape == (2, 7)
     out.sum().backward()
+    kinds = {"block": LCConv2d, "preconditioned": PreconditionedConv2d, "limit": PreconditionedConv2d}
     for name, layer in lcconv.spatial_layers(model):
         weight = layer.spatial.weight if isinstance(layer, LCConv2d) else layer.weight
-        frozen = MODES[mode].get("frozen", False)
+        frozen = MODES[mode].get("frozen", False) and MODES[mode].get("form", "block") == "block"
         assert (weight.grad is None) == frozen, name
-        assert isinstance(layer, LCConv2d) == ("expansion" in MODES[mode])
+        expected = kinds[MODES[mode].get("form", "block")] if "expansion" in MODES[mode] else nn.Conv2d
+        assert type(layer) is expected, name
+
+
+def test_jit_script_compiles_every_model():
+    for model in [lcconv.resnet(8, 4), lcconv.convmixer(8, 2), lc_resnet(expansion=2, frozen=True),
+                  lc_convmixer(expansion=2, frozen=True)]:
+        scripted = torch.jit.script(model.eval())
+        x = torch.randn(2, 3, 16, 16)
+        assert_close(scripted(x), model(x))
 
 
 def test_state_dict_round_trips():
     torch.manual_seed(0)
-    a = lcconv.resnet(depth=8, width=4, expansion=3, frozen=True, intermediate="bn")
+    a = lc_resnet(expansion=3, frozen=True, intermediate="bn")
     torch.manual_seed(1)
-    b = lcconv.resnet(depth=8, width=4, expansion=3, frozen=True, intermediate="bn")
+    b = lc_resnet(expansion=3, frozen=True, intermediate="bn")
     x = torch.randn(2, 3, 16, 16)
     a.eval(), b.eval()
     assert not torch.allclose(a(x), b(x))
@@ -315,23 +383,133 @@ def test_state_dict_round_trips():
 
 
 # -----------------------------------------------------------------------------
+# Why it trains: a frozen LC-Block trains exactly as its preconditioned conv (lcconv.py, "Why it trains")
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, E): m = E·out/groups vs d = in/groups·k²
+BLOCKS = {"grouped, m < d": (8, 8, 3, 1, 1, 1, 4, False, 4), "depthwise, m > d": (6, 6, 3, 1, 1, 1, 6, True, 16),
+          "strided, m > d": (4, 6, 3, 2, 1, 1, 1, False, 8), "m < d": (16, 4, 3, 1, 1, 1, 1, True, 1),
+          "m >> d": (2, 4, 3, 1, 1, 1, 1, False, 32), "dilated, unpadded 5×5": (3, 4, 5, 1, 0, 2, 1, True, 4)}
+
+
+@pytest.mark.parametrize("lr", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("shape", BLOCKS)
+def test_frozen_block_and_preconditioned_conv_train_identically(shape, lr):
+    """Train.py's optimizer (SGD, Nesterov momentum, weight decay), float64, same batches: the
+    combined filters of the LC-Block and the weight of its preconditioned form stay equal."""
+    import train
+    in_channels, out_channels, k, stride, padding, dilation, groups, bias, expansion = BLOCKS[shape]
+    torch.manual_seed(0)
+    block = LCConv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias, expansion).double()
+    conv = block.to_preconditioned()
+    d = conv.weight[0].numel()
+    assert isinstance(conv, PreconditionedConv2d) and conv.preconditioner.shape == (groups, d, d)
+    start = conv.weight.clone()
+    optimizers = [train.make_optimizer(m, lr, momentum=0.9, weight_decay=0.01) for m in (block, conv)]
+    for step in range(25):
+        x = torch.randn(4, in_channels, 9, 9, dtype=torch.float64)
+        target = torch.randn_like(block(x))
+        for model, optimizer in zip((block, conv), optimizers):
+            optimizer.zero_grad()
+            F.mse_loss(model(x), target).backward()
+            optimizer.step()
+    difference = (block.combined_weight - conv.weight).norm() / conv.weight.norm()
+    assert difference < 1e-10, f"relative difference {difference:.3g}"
+    assert (conv.weight - start).norm() > 1e-3 * start.norm()  # and they did train
+    if bias:
+        assert_close(conv.bias, block.combine.bias, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("init", lcconv.INITS)
+@pytest.mark.parametrize("shape", BLOCKS)
+def test_filters_drawn_in_chunks_give_the_same_k0_and_p_as_the_block(shape, init):
+    """convert(form="preconditioned") never holds S whole: it draws the block's random numbers
+    in chunks of rows. Same seed, same K₀, P and bias as LCConv2d, and the same random state after."""
+    in_channels, out_channels, k, stride, padding, dilation, groups, bias, expansion = BLOCKS[shape]
+    conv = nn.Conv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias)
+    torch.manual_seed(0)
+    block = LCConv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias, expansion, init=init)
+    after_block = torch.rand(3)
+    torch.manual_seed(0)
+    chunked = lcconv._preconditioned_lc_block("conv", conv, expansion, init, chunk_entries=48)
+    assert torch.equal(torch.rand(3), after_block)
+    exact = block.to_preconditioned()
+    assert_close(chunked.weight, exact.weight, atol=1e-6)
+    assert_close(chunked.preconditioner, exact.preconditioner, atol=1e-6)
+    if bias:
+        assert torch.equal(chunked.bias, exact.bias)
+
+
+@pytest.mark.parametrize("build", [lambda form: lc_resnet(expansion=8, frozen=True, form=form),
+                                   lambda form: lc_convmixer(expansion=4, frozen=True, form=form, patch_size=2)])
+def test_a_model_converted_to_the_preconditioned_form_starts_with_the_same_outputs(build):
+    torch.manual_seed(0)
+    blocks = build("block").eval()
+    torch.manual_seed(0)
+    preconditioned = build("preconditioned").eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert_close(preconditioned(x), blocks(x))
+    parameters = sum(m.numel() for n, m in preconditioned.named_buffers() if n.endswith("preconditioner"))
+    assert parameters == sum(m.groups * m.weight[0].numel() ** 2 for _, m in lcconv.spatial_layers(preconditioned))
+
+
+def test_preconditioner_mean_eigenvalue_is_alpha_and_spectrum_marchenko_pastur():
+    torch.manual_seed(0)
+    block = LCConv2d(16, 32, 3, expansion=64)  # m = 2048 filters of d = 144 entries
+    [summary] = lcconv.basis_summary(block)
+    alpha = 64 * 32 / (3 * 16 * 9)  # E·c_out / (3·c_in·k²)
+    eigenvalues = torch.linalg.eigvalsh(block.preconditioner().double())[0]
+    assert eigenvalues.mean().item() == pytest.approx(alpha, rel=0.01)  # sampling error ≈ 0.2 %
+    q = 144 / 2048
+    assert alpha * (1 - q**0.5) ** 2 * 0.9 < eigenvalues.min() and eigenvalues.max() < alpha * (1 + q**0.5) ** 2 * 1.1
+    assert summary["m"] == 2048 and summary["d"] == 144 and summary["rank"] == 1
+    assert summary["alpha"] == pytest.approx(alpha, rel=0.01) and summary["alpha_iid"] == pytest.approx(alpha)
+    assert summary["spread"] == pytest.approx(summary["spread_mp"], rel=0.2)
+    [few] = lcconv.basis_summary(LCConv2d(16, 4, 3, expansion=2))  # m = 8 < d = 144
+    assert few["rank"] == pytest.approx(8 / 144)
+
+
+@pytest.mark.parametrize("init", lcconv.INITS)
+def test_limit_form_is_the_expected_preconditioner(init):
+    torch.manual_seed(0)
+    model = lc_resnet(20, 16, 5, expansion=128, frozen=True, init=init, form="limit")
+    stride2 = model.layer2[0].conv1  # 16 -> 32 channels
+    alpha = 128 * 32 / (3 * 16 * 25)
+    std = lcconv.init_std(stride2.weight.shape, init)
+    expected = torch.diag((128 * 32 * std**2).expand(16, 5, 5).reshape(-1))
+    assert_close(stride2.preconditioner[0].double(), expected)
+    assert stride2.preconditioner.diagonal(dim1=1, dim2=2).mean().item() == pytest.approx(alpha, rel=1e-5)
+    weights = torch.cat([m.weight.reshape(-1, 5, 5) / lcconv.init_std(m.weight.shape, init).float()
+                         for _, m in lcconv.spatial_layers(model)])
+    assert weights.std().item() == pytest.approx(1 / math.sqrt(3), rel=0.02)  # K₀ = C₀·S has std s/√3
+
+
+# -----------------------------------------------------------------------------
 # Bad arguments say what is allowed
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: LCConv2d(4, 4, 3, expansion=0), "expansion must be >= 1"),
-    (lambda: lcconv.spatial_conv(4, 4, 3, expansion=-1), "expansion must be 0"),
-    (lambda: lcconv.resnet(expansion=-2), "expansion must be 0"),
+    (lambda: LCConv2d(4, 4, 3, expansion=0), "expansion must be an integer >= 1"),
+    (lambda: LCConv2d(4, 4, 3, expansion=2.5), "expansion must be an integer >= 1"),
+    (lambda: lcconv.convert(lcconv.resnet(), expansion=-2), "expansion must be an integer >= 1"),
     (lambda: LCConv2d(4, 4, 0), "kernel_size must be >= 1"),
     (lambda: lcconv.resnet(kernel_size=0), "kernel_size must be >= 1"),
     (lambda: LCConv2d(4, 4, 4), "odd kernel_size"),
     (lambda: lcconv.convmixer(kernel_size=6), "odd kernel_size"),
     (lambda: LCConv2d(6, 4, 3, groups=4), "divisible by groups"),
-    (lambda: lcconv.spatial_conv(4, 6, 3, groups=4), "divisible by groups"),
+    (lambda: LCConv2d(4, 4, 3, groups=0), "groups must be an integer >= 1"),
+    (lambda: LCConv2d(0, 4, 3), "in_channels must be an integer >= 1"),
+    (lambda: LCConv2d(4, 0, 3), "out_channels must be an integer >= 1"),
+    (lambda: lcconv.resnet(width=0), "out_channels must be an integer >= 1"),
+    (lambda: lcconv.convmixer(dim=0), "out_channels must be an integer >= 1"),
+    (lambda: lcconv.convmixer(patch_size=0), "patch_size must be in 1..32"),
+    (lambda: lcconv.convmixer(depth=-3), "depth must be >= 1"),
     (lambda: LCConv2d(4, 4, 3, init="xavier"), "init must be one of kaiming_uniform, kaiming_normal, center"),
-    (lambda: lcconv.resnet(init="orthogonal"), "init must be one of"),
+    (lambda: lc_resnet(init="orthogonal"), "init must be one of"),
     (lambda: LCConv2d(4, 4, 3, intermediate="gelu"), "intermediate must be one of none, relu, bn, bn_relu"),
-    (lambda: lcconv.resnet(intermediate="relu"), "needs an LC-Block"),
+    (lambda: lc_resnet(intermediate="relu"), "needs an LC-Block"),
+    (lambda: lc_resnet(expansion=2, form="limit"), "needs a frozen LC-Block"),
+    (lambda: lc_resnet(expansion=2, frozen=True, intermediate="relu", form="preconditioned"), "needs a frozen"),
+    (lambda: lc_resnet(expansion=2, frozen=True, form="folded"), "form must be one of"),
     (lambda: lcconv.resnet(depth=21), r"depth must be 6n\+2"),
     (lambda: lcconv.resnet(depth=2), r"depth must be 6n\+2"),
     (lambda: lcconv.convert(nn.Sequential(nn.Conv2d(3, 3, 3, padding="same"))), "numeric zero padding"),
@@ -346,6 +524,8 @@ def test_bad_arguments_raise_value_error(build, message):
 
 import json  # noqa: E402
 import os  # noqa: E402
+import pickle  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import urllib.error  # noqa: E402
@@ -355,7 +535,9 @@ import train  # noqa: E402
 
 RESULT_KEYS = ["test_acc", "train_acc", "fgsm_acc", "pgd_acc", "params_learnable", "params_total", "fve_first",
                "fve_last", "fve_first_raw", "fve_last_raw", "epoch_time_s", "peak_mem_mb", "spatial_variance",
-               "train_loss", "device", "torch", "dataset", "model", "expansion", "frozen", "seed", "epochs"]
+               "train_loss", "device", "torch", "dataset", "model", "expansion", "frozen", "seed", "epochs",
+               "preconditioned", "basis"]
+METRICS = ["test_acc", "train_acc", "fgsm_acc", "train_loss", "fve_first", "fve_last", "spatial_variance", "basis"]
 
 
 def write_idx(path, array):
@@ -382,13 +564,13 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def tiny_args(data_dir, tmp_path, *extra):
+def tiny_args(data_dir, tmp_path, *extra, out="results.jsonl"):
     return ["--dataset", "fashionmnist", "--data-dir", str(data_dir), "--depth", "8", "--width", "4",
-            "--batch-size", "64", "--epochs", "2", "--out", str(tmp_path / "results.jsonl"), *extra]
+            "--batch-size", "64", "--epochs", "2", "--out", str(tmp_path / out), *extra]
 
 
-def results(tmp_path):
-    path = tmp_path / "results.jsonl"
+def results(tmp_path, out="results.jsonl"):
+    path = tmp_path / out
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -401,36 +583,57 @@ def test_end_to_end_run_writes_one_complete_result(tiny_data, tmp_path):
         assert result.get(key) is not None, key
     assert (result["params_learnable"], result["params_total"]) == resnet_parameters(8, 4, 3, 4, in_channels=1)
     assert 0 <= result["fgsm_acc"] <= 100 and 0 <= result["pgd_acc"] <= result["fgsm_acc"] + 5
-    assert len(result["spatial_variance"]) == 3
+    assert len(result["spatial_variance"]) == 3 and len(result["basis"]) == 7
     assert (tmp_path / "figs" / "filters.png").stat().st_size > 100
     assert (tmp_path / "figs" / "spatial_variance.png").stat().st_size > 50
-    assert torch.load(tmp_path / "run.pt", weights_only=False)["epoch"] == 2
-    # --skip-finished recognises the run by its config and adds nothing
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["epoch"] == 2
+    # a finished run is finished: --skip-finished, or the same command again, adds nothing
     train.main(argv + ["--skip-finished"])
+    train.main(argv)
     assert len(results(tmp_path)) == 1
+
+
+def test_preconditioned_run_equals_the_frozen_lc_run_and_reports_both_parameter_counts(tiny_data, tmp_path):
+    """The exactness check on a whole model: a few float32 epochs of a frozen LC x16 ResNet and
+    of its preconditioned form end at (nearly) the same accuracy and filters."""
+    lc = tiny_args(tiny_data, tmp_path, "--expansion", "16", "--frozen", "--lr", "0.1", "--epochs", "3")
+    train.main(lc)
+    train.main(lc + ["--preconditioned"])
+    train.main(tiny_args(tiny_data, tmp_path, "--lc-limit", "16", "--lr", "0.1", "--epochs", "3"))
+    folded, preconditioned, limit = results(tmp_path)
+    assert preconditioned["preconditioned"] and limit["lc_limit"] == 16 and limit["expansion"] == 0
+    assert abs(folded["test_acc"] - preconditioned["test_acc"]) <= 2  # float32 rounding only
+    assert folded["fve_last"] == pytest.approx(preconditioned["fve_last"], rel=1e-3)
+    assert (preconditioned["lc_params_learnable"], preconditioned["lc_params_total"]) == (
+        folded["params_learnable"], folded["params_total"])
+    plain = resnet_parameters(8, 4, 3, 0, in_channels=1)
+    assert preconditioned["params_learnable"] == limit["params_learnable"] == plain[1]
+    assert folded["test_acc"] > 20  # it learned something (chance: 10%)
+    assert [b["rank"] for b in limit["basis"]] == [1.0] * 7 and limit["basis"][0]["alpha"] == pytest.approx(
+        16 * 4 / (3 * 1 * 9), rel=1e-3)
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     argv = tiny_args(tiny_data, tmp_path, "--epochs", "3", "--expansion", "2", "--frozen")
-    train.main(argv)
-    [uninterrupted] = results(tmp_path)
+    train.main(argv + ["--out", str(tmp_path / "uninterrupted.jsonl")])
+    [uninterrupted] = results(tmp_path, "uninterrupted.jsonl")
 
     checkpoint = str(tmp_path / "run.pt")
     train_epoch = train.train_epoch
 
-    def interrupted(*args):
-        if args[4] == 2:  # epoch index
+    def interrupted(model, optimizer, scheduler, data, args, epoch):
+        if epoch == 2:
             raise KeyboardInterrupt
-        return train_epoch(*args)
+        return train_epoch(model, optimizer, scheduler, data, args, epoch)
 
     monkeypatch.setattr(train, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.main(argv + ["--checkpoint", checkpoint])
-    assert len(results(tmp_path)) == 1 and torch.load(checkpoint, weights_only=False)["epoch"] == 2
+    assert not results(tmp_path) and torch.load(checkpoint, weights_only=True)["epoch"] == 2
     monkeypatch.setattr(train, "train_epoch", train_epoch)
     train.main(argv + ["--checkpoint", checkpoint])
-    resumed = results(tmp_path)[1]
-    for key in ["test_acc", "train_acc", "fgsm_acc", "train_loss", "fve_first", "fve_last", "spatial_variance"]:
+    [resumed] = results(tmp_path)
+    for key in METRICS:
         assert resumed[key] == uninterrupted[key], key
 
 
@@ -467,6 +670,21 @@ def test_channel_stats():
     assert_close(std, x.std(1, unbiased=False).float())
 
 
+def test_figures_use_a_fixed_scale_so_uniform_variance_looks_uniform(tmp_path):
+    import numpy
+    from PIL import Image
+    read = lambda path: torch.from_numpy(numpy.array(Image.open(path).convert("L"))).float()
+    torch.manual_seed(0)
+    for name, model in [("uniform", lc_resnet(20, 16, 3, expansion=32, frozen=True)),
+                        ("centre", lc_resnet(20, 16, 5, init="center"))]:
+        train.save_figures(model, tmp_path / name)
+    uniform, centre = (read(tmp_path / name / "spatial_variance.png") for name in ("uniform", "centre"))
+    assert 100 < uniform.min() and uniform.max() < 155  # grey all over (±4% is a few grey levels)
+    assert centre[80, 80] > 250 and centre[10, 10] < 60  # white centre, dark corner
+    grid = read(tmp_path / "uniform" / "filters.png")  # the stem's 16 RGB filters, 48 px tiles, 8 a row
+    assert grid.shape == (2 * 50 + 2, 8 * 50 + 2)
+
+
 def test_nan_loss_stops_the_run_with_a_message(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         train.main(tiny_args(tiny_data, tmp_path, "--lr", "1e30"))
@@ -478,44 +696,163 @@ def offline(*args, **kwargs):
     raise urllib.error.URLError("no network")
 
 
+class Planted:
+    """A pickle that would create a file when loaded: what a planted checkpoint could do."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
-    (["--model", "vgg16"], "invalid choice: 'vgg16'"),
-    (["--expansion", "-1"], "--expansion must be >= 0"),
-    (["--kernel-size", "0"], "--kernel-size must be odd and >= 1"),
-    (["--kernel-size", "4"], "--kernel-size must be odd and >= 1"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--depth", "21"], r"depth must be 6n\+2"),
-    (["--model", "resnet18", "--width", "4"], "--(depth|width) does not apply to --model resnet18"),
+    (["--dataset", "imagenet"], "--dataset: invalid choice: 'imagenet'"),
+    (["--model", "vgg16"], "--model: invalid choice: 'vgg16'"),
+    (["--expansion", "-1"], "--expansion"),
+    (["--kernel-size", "0"], "--kernel-size"),
+    (["--kernel-size", "4"], "--kernel-size"),
+    (["--epochs", "0"], "--epochs"),
+    (["--depth", "21"], r"--depth must be 6n\+2"),
+    (["--model", "resnet18", "--width", "4"], "--width does not apply to --model resnet18"),
+    (["--model", "convmixer", "--width", "4"], "--width does not apply to --model convmixer"),
     (["--intermediate", "relu"], "needs an LC-Block"),
+    (["--lr", "-1"], "--lr"), (["--momentum", "-1"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--label-smoothing", "2"], "--label-smoothing"), (["--width", "0"], "--width"),
+    (["--model", "convmixer", "--depth", "-3"], "--depth"), (["--model", "convmixer", "--dim", "0"], "--dim"),
+    (["--model", "convmixer", "--patch-size", "64"], "--patch-size"),
+    (["--model", "convmixer", "--patch-size", "0"], "--patch-size"),
+    (["--device", "foo"], "--device"), (["--device", "cuda:7"], "--device cuda:7"),
+    (["--fgsm-eps", "-1"], "--fgsm-eps"), (["--fgsm-eps", "1e9"], "--fgsm-eps"),
+    (["--train-subset", "60001"], "--train-subset must be in 1..60000"),
+    (["--seed", str(2**64)], "--seed must be in 0..4294967295"),
+    (["--preconditioned", "--expansion", "4"], "--preconditioned needs --frozen"),
+    (["--lc-limit", "8", "--frozen"], "--lc-limit"), (["--lc-limit", "0"], "--lc-limit"),
+    (["--out", "/dev/full"], "--out /dev/full: is not a regular file"),
+    (["--out", "FILE/results.jsonl"], "--out .*FILE is not a directory"),
+    (["--save-figures", "FILE/figures"], "--save-figures .*FILE is not a directory"),
+    (["--checkpoint", "FILE/run.pt"], "--checkpoint .*FILE is not a directory"),
+    (["--out", "DIR"], "--out .*is a directory"),
     (["--dataset", "cifar10"], "cannot load cifar10 .* connect to the internet"),
-    (["--checkpoint", "CORRUPT"], "cannot read checkpoint .* delete it"),
-    (["--checkpoint", "OTHER", "--seed", "1"], "from another config .*differs in seed"),
-    (["--out", "DIR"], "is a directory"),
+    (["--data-dir", "CORRUPT_DATA"], "cannot load fashionmnist .* corrupt"),
+    (["--checkpoint", "CORRUPT"], "cannot read checkpoint"),
+    (["--checkpoint", "PLANTED"], "cannot read checkpoint"),
+    (["--checkpoint", "OTHER", "--seed", "1"], "differs in seed"),
 ])
 def test_bad_input_one_line_and_nothing_written(tiny_data, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     monkeypatch.setattr(torchvision.datasets.cifar.CIFAR10, "_check_integrity", lambda self: False)
     (tmp_path / "CORRUPT").write_bytes(b"not a checkpoint")
+    (tmp_path / "PLANTED").write_bytes(pickle.dumps({"config": Planted(tmp_path / "PWNED")}))
+    (tmp_path / "FILE").write_text("a file")
     (tmp_path / "DIR").mkdir()
+    raw = tmp_path / "CORRUPT_DATA" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (tiny_data / "FashionMNIST" / "raw").iterdir():
+        (raw / f.name).write_bytes(f.read_bytes()[:100])  # cut short
     other = tmp_path / "OTHER"
     torch.save({"config": train.recipe(train.parse_args(tiny_args(tiny_data, tmp_path))), "epoch": 1}, other)
     before = other.read_bytes()
-    extra = [str(tmp_path / a) if a in ("CORRUPT", "OTHER", "DIR") else a for a in extra]
+    extra = [str(tmp_path / a) if a.split("/")[0] in ("CORRUPT", "PLANTED", "OTHER", "DIR", "FILE", "CORRUPT_DATA")
+             else a for a in extra]
     data_dir = tmp_path / "empty" if "cifar10" in extra else tiny_data
+    argv = tiny_args(data_dir, tmp_path, *extra)
+    if "--model" in extra:  # no ResNet flags
+        argv = argv[:4] + argv[8:]
     with pytest.raises(SystemExit) as exit:
-        train.main(tiny_args(data_dir, tmp_path, *extra))
+        train.main(argv)
     error = str(exit.value.code) if isinstance(exit.value.code, str) else capsys.readouterr().err
     assert exit.value.code != 0 and error.count("\n") <= 1 and "Traceback" not in error
     assert re.search(message, error), error
     assert not (tmp_path / "results.jsonl").exists() and other.read_bytes() == before
+    assert not (tmp_path / "PWNED").exists()  # the planted pickle never ran
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path):
     run = subprocess.run([sys.executable, "train.py", "--epochs", "0", "--out", str(tmp_path / "r.jsonl")],
                          capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
-    assert "--epochs must be >= 1" in run.stderr and not (tmp_path / "r.jsonl").exists()
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert "--epochs" in run.stderr and not (tmp_path / "r.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------
+# Results are never lost, glued or duplicated
+
+
+def test_append_never_glues_onto_an_unfinished_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"seed": 0}\n{"seed": 1, "test_a')  # a crash cut the last line short
+    train.append_result(path, {"seed": 2})
+    train.append_result(path, {"seed": 3})
+    assert [r["seed"] for r in train.read_results(path)] == [0, 2, 3]
+
+
+def test_a_short_write_is_taken_back(tmp_path, monkeypatch):
+    path = tmp_path / "results.jsonl"
+    train.append_result(path, {"seed": 0})
+    before = path.read_bytes()
+    monkeypatch.setattr(train, "write", lambda fd, data: os.write(fd, data[:len(data) // 2]))
+    with pytest.raises(OSError, match="short write"):
+        train.append_result(path, {"seed": 1, "test_acc": 90.0})
+    assert path.read_bytes() == before
+
+
+def test_lines_that_are_not_json_objects_are_skipped(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('[1]\n"text"\nnull\n{"seed": 4}\nnot json\n')
+    assert train.read_results(path) == [{"seed": 4}]
+    assert not train.has_result(train.read_results(path), train.recipe(train.parse_args([])))
+
+
+def test_old_result_lines_match_with_the_new_flags_at_their_defaults():
+    config = train.recipe(train.parse_args([]))
+    old = {k: v for k, v in config.items() if k not in ("preconditioned", "lc_limit")}
+    assert train.has_result([old], config)
+    assert not train.has_result([dict(old, preconditioned=True)], config)
+
+
+def run_train(argv, **kwargs):
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_a_run_killed_while_saving_its_checkpoint_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
+    argv = tiny_args(tiny_data, tmp_path, "--epochs", "3", "--expansion", "2", "--frozen")
+    train.main(argv + ["--out", str(tmp_path / "uninterrupted.jsonl")])
+    checkpoint = tmp_path / "run.pt"
+    # SIGKILL in the middle of writing the second epoch's checkpoint
+    killer = ("import os, signal, sys, torch, train\n"
+              "save, calls = torch.save, []\n"
+              "def dying_save(state, path):\n"
+              "    calls.append(path)\n"
+              "    if len(calls) == 2:\n"
+              "        open(path, 'wb').write(b'half a checkpoint')\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    save(state, path)\n"
+              "torch.save = dying_save\n"
+              "train.main(sys.argv[1:])\n")
+    killed = subprocess.run([sys.executable, "-c", killer, *argv, "--checkpoint", str(checkpoint)],
+                            cwd=Path(__file__).parent, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1 and not results(tmp_path)
+    train.main(argv + ["--checkpoint", str(checkpoint)])
+    [result] = results(tmp_path)
+    [uninterrupted] = results(tmp_path, "uninterrupted.jsonl")
+    assert all(result[k] == uninterrupted[k] for k in METRICS)
+
+
+def test_a_short_write_of_the_result_then_a_rerun_gives_exactly_one_result(tiny_data, tmp_path, monkeypatch):
+    argv = tiny_args(tiny_data, tmp_path, "--checkpoint", str(tmp_path / "run.pt"))
+    train.main(argv[:-2] + ["--out", str(tmp_path / "uninterrupted.jsonl")])
+    monkeypatch.setattr(train, "write", lambda fd, data: os.write(fd, data[:50]))
+    with pytest.raises(SystemExit) as exit:
+        train.main(argv)
+    assert "short write" in str(exit.value.code)
+    assert (tmp_path / "results.jsonl").read_text() == ""
+    monkeypatch.setattr(train, "write", os.write)
+    train.main(argv)
+    [result] = results(tmp_path)
+    [uninterrupted] = results(tmp_path, "uninterrupted.jsonl")
+    assert all(result[k] == uninterrupted[k] for k in METRICS)
 
 
 # -----------------------------------------------------------------------------

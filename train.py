@@ -9,10 +9,14 @@ there a batch at a time (as in airbench), so the GPU never waits for data; on CU
 runs in bf16 autocast and channels_last.
 
     python train.py --dataset cifar10 --expansion 128 --frozen     # ResNet-LC-20-16x128, frozen
+    python train.py --expansion 128 --frozen --preconditioned       # the same run as one conv per layer
+    python train.py --lc-limit 128                                  # its large-E limit: a plain ResNet
     python train.py --benchmark                                     # step time and memory vs E
 """
 import argparse
+import fcntl
 import gzip
+import hashlib
 import inspect
 import json
 import math
@@ -20,9 +24,12 @@ import multiprocessing
 import os
 import resource
 import shutil
+import statistics
 import sys
+import tempfile
 import time
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -34,14 +41,25 @@ from tqdm import tqdm
 import lcconv
 
 # -----------------------------------------------------------------------------
-# Command line; defaults are the paper's recipe
+# Settings: the command line; defaults are the paper's recipe
 
+DATASETS = {  # pad-4 crop + flip for CIFAR only, as in the paper; files: what torchvision keeps in --data-dir
+    "cifar10": dict(classes=10, channels=3, augment=True, train_images=50_000, test_images=10_000,
+                    files="cifar-10-batches-py"),
+    "cifar100": dict(classes=100, channels=3, augment=True, train_images=50_000, test_images=10_000,
+                     files="cifar-100-python"),
+    "svhn": dict(classes=10, channels=3, augment=False, train_images=73_257, test_images=26_032,
+                 files="train_32x32.mat"),
+    "fashionmnist": dict(classes=10, channels=1, augment=False, train_images=60_000, test_images=10_000,
+                         files="FashionMNIST/raw"),
+}
 MODELS = ("resnet", "convmixer", "resnet18", "resnet50", "mobilenet_v2")
 # flags that only some models take; their defaults are those of lcconv.resnet / lcconv.convmixer
 ARCH_FLAGS = {"resnet": ("depth", "width", "kernel_size"),
               "convmixer": ("dim", "depth", "kernel_size", "patch_size")}
 # flags that do not change what a run computes: left out when results and checkpoints are matched
 NOT_RECIPE = ("data_dir", "out", "checkpoint", "save_figures", "device", "compile", "skip_finished", "benchmark")
+MAX_SEED = 2**32 - 1
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,80 +67,161 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"train.py: error: {message} (see --help)\n")
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", choices=list(DATASETS), help="dataset (downloaded into --data-dir if missing)")
-    p.add_argument("--data-dir", default="./data", help="where the datasets are (torchvision layout)")
-    p.add_argument("--model", default="resnet", choices=MODELS,
-                   help="CIFAR ResNet (He et al.), ConvMixer, or a torchvision model adapted to 32x32 (paper's Fig. 1)")
-    p.add_argument("--depth", type=int, help="ResNet depth 6n+2 (default 20) or ConvMixer depth (default 8)")
-    p.add_argument("--width", type=int, help="ResNet width W: stages of W, 2W, 4W channels (default 16)")
-    p.add_argument("--dim", type=int, help="ConvMixer channels (default 256)")
-    p.add_argument("--patch-size", type=int, help="ConvMixer patch size (default 2)")
-    p.add_argument("--kernel-size", type=int, help="spatial kernel size, odd (default 3 for ResNet, 9 for ConvMixer)")
-    p.add_argument("--expansion", type=int, default=0, help="LC expansion E; 0 = plain spatial convs (no LC-Block)")
-    p.add_argument("--frozen", action="store_true", help="keep every spatial (k>1) filter at its random init")
-    p.add_argument("--init", default="kaiming_uniform", choices=lcconv.INITS, help="spatial filter init (paper: kaiming_uniform)")
-    p.add_argument("--intermediate", default="none", choices=lcconv.INTERMEDIATES, help="op between the LC-Block's convs (Table 3)")
-    p.add_argument("--epochs", type=int, default=75, help="training epochs (paper: 75)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size (paper: 256)")
-    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate, cosine-annealed per step (paper: 0.01)")
-    p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (paper: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (paper: 0.01)")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (paper: 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the random filters, the init and the data order")
-    p.add_argument("--train-subset", type=int, help="train on the first N training images only (quick runs)")
-    p.add_argument("--fgsm-eps", type=float, default=1 / 255, help="l-inf radius on [0,1] images for FGSM/PGD (paper: 1/255)")
-    p.add_argument("--pgd-steps", type=int, default=0, help="PGD steps for an extra robust accuracy; 0 = off")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--out", default="results.jsonl", help="append one JSON line with config and results here")
-    p.add_argument("--checkpoint", help="save after every epoch here; rerunning the same command resumes")
-    p.add_argument("--skip-finished", action="store_true", help="exit at once if --out already has a result for this config")
-    p.add_argument("--save-figures", metavar="DIR", help="save the combined filters and the spatial variance heatmap as PNGs")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time a training step and measure peak memory of ResNet-20-16 vs frozen ResNet-LC-20-16xE; train nothing")
-    args = p.parse_args(argv)
+PARSER = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+_add = PARSER.add_argument
+_add("--dataset", default="cifar10", choices=list(DATASETS), help="dataset (downloaded into --data-dir if missing)")
+_add("--data-dir", default="./data", help="where the datasets are (torchvision layout)")
+_add("--model", default="resnet", choices=MODELS,
+     help="CIFAR ResNet (He et al.), ConvMixer, or a torchvision model adapted to 32x32 (paper's Fig. 1)")
+_add("--depth", type=int, help="ResNet depth 6n+2 (default 20) or ConvMixer depth (default 8)")
+_add("--width", type=int, help="ResNet width W: stages of W, 2W, 4W channels (default 16)")
+_add("--dim", type=int, help="ConvMixer channels (default 256)")
+_add("--patch-size", type=int, help="ConvMixer patch size, 1..32 (default 2)")
+_add("--kernel-size", type=int, help="spatial kernel size, odd (default 3 for ResNet, 9 for ConvMixer)")
+_add("--expansion", type=int, default=0, help="LC expansion E; 0 = plain spatial convs (no LC-Block)")
+_add("--frozen", action="store_true", help="keep every spatial (k>1) filter at its random init")
+_add("--init", default="kaiming_uniform", choices=lcconv.INITS, help="spatial filter init (paper: kaiming_uniform)")
+_add("--intermediate", default="none", choices=lcconv.INTERMEDIATES, help="op between the LC-Block's convs (Table 3)")
+_add("--preconditioned", action="store_true",
+     help="train the frozen LC-Blocks as their exactly equivalent preconditioned convs (fast at any E)")
+_add("--lc-limit", type=int, metavar="E",
+     help="a plain model whose spatial convs train as the large-E limit of frozen LC xE (P = E[P])")
+_add("--epochs", type=int, default=75, help="training epochs (paper: 75)")
+_add("--batch-size", type=int, default=256, help="batch size (paper: 256)")
+_add("--lr", type=float, default=0.01, help="peak learning rate, cosine-annealed per step (paper: 0.01)")
+_add("--momentum", type=float, default=0.9, help="Nesterov momentum (paper: 0.9)")
+_add("--weight-decay", type=float, default=0.01, help="weight decay (paper: 0.01)")
+_add("--label-smoothing", type=float, default=0.1, help="label smoothing (paper: 0.1)")
+_add("--seed", type=int, default=0, help=f"0..{MAX_SEED}: fixes the random filters, the init and the data order")
+_add("--train-subset", type=int, help="train on the first N training images only (quick runs)")
+_add("--fgsm-eps", type=float, default=1 / 255, help="l-inf radius on [0,1] images for FGSM/PGD (paper: 1/255)")
+_add("--pgd-steps", type=int, default=0, help="PGD steps for an extra robust accuracy; 0 = off")
+_add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+_add("--compile", action="store_true", help="torch.compile the model")
+_add("--out", default="results.jsonl", help="append one JSON line with config and results here")
+_add("--checkpoint", help="save after every epoch here; rerunning the same command resumes (and a finished run is done)")
+_add("--skip-finished", action="store_true", help="exit at once if --out already has a result for this config")
+_add("--save-figures", metavar="DIR", help="save the combined filters and the spatial variance heatmap as PNGs")
+_add("--benchmark", action="store_true",
+     help="time a training step and measure peak memory of ResNet-20-16 vs frozen ResNet-LC-20-16xE; train nothing")
+CONFIG_KEYS = [a.dest for a in PARSER._actions if a.dest != "help" and a.dest not in NOT_RECIPE]
 
-    for flag, value in vars(args).items():
-        if value is not None and flag in sum(ARCH_FLAGS.values(), ()) and flag not in ARCH_FLAGS.get(args.model, ()):
-            p.error(f"--{flag.replace('_', '-')} does not apply to --model {args.model}")
+
+def parse_args(argv=None):
+    """The arguments, every one checked here: a bad one exits with one line (status 2)."""
+    args = PARSER.parse_args(argv)
+    error = PARSER.error
+    for flag in sum(ARCH_FLAGS.values(), ()):
+        if getattr(args, flag) is not None and flag not in ARCH_FLAGS.get(args.model, ()):
+            error(f"--{flag.replace('_', '-')} does not apply to --model {args.model}")
     if args.model in ARCH_FLAGS:  # fill in the model's defaults, so configs are complete
         builder = getattr(lcconv, args.model)
         for flag in ARCH_FLAGS[args.model]:
             if getattr(args, flag) is None:
                 setattr(args, flag, inspect.signature(builder).parameters[flag].default)
-    checks = [(args.expansion >= 0, "--expansion must be >= 0 (0 = no LC-Block)"),
-              (args.kernel_size is None or (args.kernel_size >= 1 and args.kernel_size % 2),
-               f"--kernel-size must be odd and >= 1, got {args.kernel_size}"),
-              (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
-              (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-              (args.train_subset is None or args.train_subset >= 1, "--train-subset must be >= 1"),
-              (args.pgd_steps >= 0, "--pgd-steps must be >= 0"),
-              (args.intermediate == "none" or args.expansion >= 1, "--intermediate needs an LC-Block (--expansion >= 1)"),
-              (not Path(args.out).is_dir(), f"--out {args.out} is a directory; give a file name"),
-              (not args.save_figures or not Path(args.save_figures).is_file(),
-               f"--save-figures {args.save_figures} is a file; give a directory")]
+    data = DATASETS[args.dataset]
+    checks = [
+        (args.expansion >= 0, "--expansion must be >= 0 (0 = no LC-Block)"),
+        (args.kernel_size is None or (args.kernel_size >= 1 and args.kernel_size % 2),
+         f"--kernel-size must be odd and >= 1, got {args.kernel_size}"),
+        (args.model != "resnet" or (args.depth >= 8 and (args.depth - 2) % 6 == 0),
+         f"--depth must be 6n+2 (8, 14, 20, ..., 260) for the ResNet, got {args.depth}"),
+        (args.model != "convmixer" or args.depth >= 1, f"--depth must be >= 1, got {args.depth}"),
+        (args.width is None or args.width >= 1, f"--width must be >= 1, got {args.width}"),
+        (args.dim is None or args.dim >= 1, f"--dim must be >= 1, got {args.dim}"),
+        (args.patch_size is None or 1 <= args.patch_size <= 32,
+         f"--patch-size must be in 1..32 (the images are 32x32), got {args.patch_size}"),
+        (args.intermediate == "none" or args.expansion >= 1, "--intermediate needs an LC-Block (--expansion >= 1)"),
+        (not args.preconditioned or (args.frozen and args.expansion >= 1 and args.intermediate == "none"),
+         "--preconditioned needs --frozen, --expansion >= 1 and no --intermediate"),
+        (args.lc_limit is None or args.lc_limit >= 1, f"--lc-limit must be >= 1, got {args.lc_limit}"),
+        (args.lc_limit is None or (args.expansion == 0 and not args.frozen and not args.preconditioned),
+         "--lc-limit is a plain learnable model: it takes no --expansion, --frozen or --preconditioned"),
+        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (0 < args.lr < math.inf, f"--lr must be > 0, got {args.lr}"),
+        (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
+        (0 <= args.weight_decay < math.inf, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {args.label_smoothing}"),
+        (0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {args.seed}"),
+        (args.train_subset is None or 1 <= args.train_subset <= data["train_images"],
+         f"--train-subset must be in 1..{data['train_images']} (the {args.dataset} training set), "
+         f"got {args.train_subset}"),
+        (0 < args.fgsm_eps <= 1, f"--fgsm-eps must be in (0, 1] (images are in [0, 1]), got {args.fgsm_eps}"),
+        (args.pgd_steps >= 0, "--pgd-steps must be >= 0"),
+    ]
     for ok, message in checks:
         if not ok:
-            p.error(message)
+            error(message)
+    device_error = check_device(args.device)
+    if device_error:
+        error(device_error)
+    for flag, path, kind in [("--out", args.out, "file"), ("--checkpoint", args.checkpoint, "file"),
+                             ("--save-figures", args.save_figures, "directory")]:
+        problem = path and unwritable(Path(path), kind)
+        if problem:
+            error(f"{flag} {path}: {problem}")
     return args
 
 
-def recipe(args):
-    """The part of the config that determines the result."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_RECIPE}
+def check_device(name):
+    """None if --device names a device this machine has, else what is wrong."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: this machine has no CUDA GPU"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"
+    return None
+
+
+def unwritable(path, kind):
+    """None if a file (or directory) can be written at path, else why not; creates nothing."""
+    if path.exists() and kind == "directory" and not path.is_dir():
+        return "is not a directory"
+    if path.exists() and kind == "file" and not path.is_file():
+        return "is a directory" if path.is_dir() else "is not a regular file"
+    folder = path if kind == "directory" else path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror})"
+    return None
+
+
+def recipe(config):
+    """The part of a config (argparse namespace, or a result line) that determines the result;
+    keys a line lacks (written before they existed) take their defaults."""
+    config = vars(config) if isinstance(config, argparse.Namespace) else config
+    return {k: config.get(k, PARSER.get_default(k)) for k in CONFIG_KEYS}
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, a no-op elsewhere: the one place precision is decided."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def pick_device(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 # -----------------------------------------------------------------------------
 # Data: whole splits as uint8 tensors (N, C, 32, 32) on the device
 
-DATASETS = {  # classes, channels, pad-4 crop + flip (CIFAR only, as in the paper)
-    "cifar10": dict(classes=10, channels=3, augment=True),
-    "cifar100": dict(classes=100, channels=3, augment=True),
-    "svhn": dict(classes=10, channels=3, augment=False),
-    "fashionmnist": dict(classes=10, channels=1, augment=False),
-}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # package dataset-fashion-mnist
 
 
@@ -161,11 +260,14 @@ def load_data(args, device):
     try:
         train_x, train_y = load_split(args.dataset, args.data_dir, train=True)
         test_x, test_y = load_split(args.dataset, args.data_dir, train=False)
-    except Exception as e:  # no internet, a broken download, a missing package
+    except Exception as e:  # no internet, a broken download, corrupt files, a missing package
+        files = Path(args.data_dir, DATASETS[args.dataset]["files"])
         hint = " or `apt-get install dataset-fashion-mnist`" if args.dataset == "fashionmnist" else ""
-        raise RuntimeError(f"cannot load {args.dataset} from {args.data_dir} ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no details'}); connect "
-                           f"to the internet so torchvision can download it{hint}, or pass --data-dir") from None
+        fix = (f"{files} is there but corrupt or incomplete: delete it to download it again" if files.exists() else
+               f"connect to the internet so torchvision can download it{hint}, or pass --data-dir")
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
+        raise RuntimeError(f"cannot load {args.dataset} from {args.data_dir} ({type(e).__name__}: {detail}); "
+                           f"{fix}") from None
     mean, std = channel_stats(train_x)
     if args.train_subset:
         train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
@@ -199,6 +301,12 @@ def augment(images, generator):
     return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
 
 
+def to_input(images):
+    """uint8 (B, C, H, W) -> float [0, 1], channels_last on CUDA."""
+    x = images.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
 # -----------------------------------------------------------------------------
 # Model
 
@@ -214,34 +322,23 @@ class Normalize(nn.Module):
 
 
 def build_net(args):
-    """The network of args for its dataset, spatial convs frozen and/or LC-Blocks as asked."""
+    """The plain network of args for its dataset, then its spatial convs made frozen and/or
+    LC-Blocks (or their preconditioned form, or its large-E limit) by lcconv.convert."""
     channels, classes = DATASETS[args.dataset]["channels"], DATASETS[args.dataset]["classes"]
-    lc = dict(expansion=args.expansion, frozen=args.frozen, init=args.init, intermediate=args.intermediate)
     if args.model in ARCH_FLAGS:
         arch = {flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]}
-        return getattr(lcconv, args.model)(num_classes=classes, in_channels=channels, **arch, **lc)
-    net = getattr(torchvision.models, args.model)(num_classes=classes)
-    # adapted to 32×32 inputs: 3×3 stride-1 stem, no max-pool
-    if args.model == "mobilenet_v2":
-        net.features[0][0] = nn.Conv2d(channels, 32, 3, 1, 1, bias=False)
+        net = getattr(lcconv, args.model)(num_classes=classes, in_channels=channels, **arch)
     else:
-        net.conv1, net.maxpool = nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.Identity()
-    # every spatial conv drawn afresh with the paper's default init, frozen or LC as asked
-    return lcconv.convert(net, **lc)
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def train_step(model, optimizer, x, y, label_smoothing, autocast):
-    with autocast():
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), logits.detach()
+        net = getattr(torchvision.models, args.model)(num_classes=classes)
+        # adapted to 32×32 inputs: 3×3 stride-1 stem, no max-pool
+        if args.model == "mobilenet_v2":
+            net.features[0][0] = nn.Conv2d(channels, 32, 3, 1, 1, bias=False)
+        else:
+            net.conv1, net.maxpool = nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.Identity()
+    if args.lc_limit:
+        return lcconv.convert(net, args.lc_limit, True, args.init, form="limit")
+    form = "preconditioned" if args.preconditioned else "block"
+    return lcconv.convert(net, args.expansion, args.frozen, args.init, args.intermediate, form)
 
 
 def to_device(model, device):
@@ -250,16 +347,31 @@ def to_device(model, device):
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def to_input(images, device):
-    """uint8 (B, C, H, W) -> float [0, 1], channels_last on CUDA."""
-    x = images.float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+def make_optimizer(model, lr, momentum, weight_decay):
+    """SGD over the learnable parameters only: frozen filters get no update at all."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
 
 
-def train_epoch(model, optimizer, scheduler, data, epoch, args, device, autocast):
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train_step(model, optimizer, x, y, label_smoothing):
+    with autocast(x.device):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def train_epoch(model, optimizer, scheduler, data, args, epoch):
     """One pass over the training set -> (mean loss, accuracy %). The data order and the
     augmentation of epoch e depend only on (seed, e), so a resumed run sees the same batches."""
     model.train()
+    device = data["train_y"].device
     generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + epoch)
     n = len(data["train_y"])
     order = torch.randperm(n, device=device, generator=generator)
@@ -272,7 +384,7 @@ def train_epoch(model, optimizer, scheduler, data, epoch, args, device, autocast
         images, y = data["train_x"][idx], data["train_y"][idx]
         if DATASETS[args.dataset]["augment"]:
             images = augment(images, generator)
-        loss, logits = train_step(model, optimizer, to_input(images, device), y, args.label_smoothing, autocast)
+        loss, logits = train_step(model, optimizer, to_input(images), y, args.label_smoothing)
         scheduler.step()
         loss_sum += loss.float() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -289,62 +401,72 @@ def train_epoch(model, optimizer, scheduler, data, epoch, args, device, autocast
 
 
 @torch.no_grad()
-def accuracy(model, images, labels, batch_size, device, autocast):
+def accuracy(model, images, labels, batch_size):
     model.eval()
     correct = 0
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        with autocast():
-            correct += (model(to_input(x, device)).argmax(1) == y).sum().item()
+        x = to_input(x)
+        with autocast(x.device):
+            correct += (model(x).argmax(1) == y).sum().item()
     return 100 * correct / len(labels)
 
 
-def robust_accuracy(model, images, labels, eps, steps, batch_size, device, autocast, seed=0):
+def robust_accuracy(model, images, labels, eps, steps, batch_size, seed=0):
     """Accuracy under an l∞ attack of radius eps on [0, 1] images (before normalisation):
     FGSM for steps=1 (Goodfellow et al.), else PGD from a random start with step 2.5·eps/steps
     (Madry et al.). The attack maximises plain cross-entropy."""
     model.eval()
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(images.device).manual_seed(seed)
     step_size = eps if steps == 1 else 2.5 * eps / steps
     correct = 0
+    bar = tqdm(total=len(labels) * steps, desc="FGSM" if steps == 1 else f"PGD-{steps}", unit="step",
+               unit_scale=True, leave=False, disable=None, file=sys.stderr)
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = to_input(x, device)
+        x = to_input(x)
         delta = torch.zeros_like(x)
         if steps > 1:
-            delta = (torch.rand(x.shape, device=device, generator=generator) * 2 - 1) * eps
+            delta = (torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1) * eps
         for _ in range(steps):
             delta.requires_grad_(True)
-            with autocast():
+            with autocast(x.device):
                 loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
             grad, = torch.autograd.grad(loss, delta)
             delta = (delta + step_size * grad.sign()).clamp(-eps, eps).detach()
-        with torch.no_grad(), autocast():
+            bar.update(len(y))
+        with torch.no_grad(), autocast(x.device):
             correct += (model((x + delta).clamp(0, 1)).argmax(1) == y).sum().item()
+    bar.close()
     return 100 * correct / len(labels)
 
 
 def filter_metrics(net):
-    """FVE of the first and last spatial layer (Fig. 5) and the spatial variance (Fig. 8b)."""
+    """FVE of the first and last spatial layer (Fig. 5), the spatial variance (Fig. 8b) and
+    the random basis of frozen LC layers (lcconv.basis_summary)."""
     filters = list(lcconv.combined_filters(net).values())
     (first_raw, first), (last_raw, last) = map(lcconv.filter_variance_entropy, (filters[0], filters[-1]))
     variance = lcconv.spatial_variance(net)
+    basis = [{k: round(v, 4) if isinstance(v, float) else v for k, v in layer.items()}
+             for layer in lcconv.basis_summary(net)]
     return dict(fve_first=first, fve_last=last, fve_first_raw=first_raw, fve_last_raw=last_raw,
-                spatial_variance=[[round(v, 4) for v in row] for row in variance.tolist()])
+                spatial_variance=[[round(v, 4) for v in row] for row in variance.tolist()], basis=basis or None)
 
 
 def save_figures(net, directory):
-    """The first layer's combined filters as a grid (Fig. 7) and the spatial variance heatmap
-    (Fig. 8b), both as PNGs. The grid shows the first layer with the model's main kernel size
-    (ConvMixer: its first depthwise conv rather than the patch stem)."""
+    """The first layer's combined filters as an 8-wide grid on one shared scale (0 = grey; Fig. 7)
+    and the spatial variance heatmap (Fig. 8b) on a fixed log scale: each position's variance
+    over the mean, 1/4 black, 1 grey (uniform), 4 white, the same for every run."""
     from torchvision.utils import save_image
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     variance = lcconv.spatial_variance(net)
     filters = next(f for f in lcconv.combined_filters(net).values() if f.shape[-2:] == variance.shape)
-    filters = filters if filters.shape[1] in (1, 3) else filters[:, :1]  # RGB, or the first input channel
-    filters = F.interpolate(filters.cpu(), scale_factor=8, mode="nearest")
-    save_image(filters, directory / "filters.png", nrow=16, normalize=True, scale_each=True, pad_value=1)
-    heatmap = F.interpolate(variance[None, None].cpu(), scale_factor=32, mode="nearest")
-    save_image(heatmap, directory / "spatial_variance.png", normalize=True)
+    filters = filters[:64] if filters.shape[1] in (1, 3) else filters[:64, :1]  # RGB, or the first input channel
+    scale = filters.abs().max().clamp(min=1e-12)
+    tiles = F.interpolate(filters.cpu(), scale_factor=max(1, 48 // filters.shape[-1]), mode="nearest")
+    save_image(tiles, directory / "filters.png", nrow=8, normalize=True, value_range=(-scale, scale), pad_value=1)
+    relative = (variance / variance.mean()).log2().clamp(-2, 2).add(2).div(4)
+    heatmap = F.interpolate(relative[None, None].cpu(), scale_factor=32, mode="nearest")
+    save_image(heatmap, directory / "spatial_variance.png")
 
 
 def peak_memory_mb(device):
@@ -355,25 +477,47 @@ def peak_memory_mb(device):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and results: written whole or not at all
+# Results and checkpoints: written whole or not at all, one run per config at a time
+
+
+@contextmanager
+def claimed(out, config):
+    """Holds this config's lock (a file beside --out) for the whole run, so that a second
+    run of it (a second sweep on the same results) waits, then finds the result. The lock
+    goes with the process, however it ends."""
+    folder = Path(f"{out}.locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    with open(folder / f"{name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another run of this config is running (lock {lock.name}); waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def save_checkpoint(path, state):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, config, device):
-    """The saved state if path exists and was written by this config, else None."""
+    """The saved state if path exists and was written by this config, else None. Loaded
+    with weights_only: tensors, numbers, strings, lists and dicts, never code."""
     if not Path(path).exists():
         return None
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to start over") from None
+        raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}: it is damaged, or holds "
+                           "more than tensors and numbers); delete it to start over") from None
     saved = state.get("config", {}) if isinstance(state, dict) else {}
     if saved != config:
         changed = sorted(k for k in config if saved.get(k) != config[k])
@@ -383,159 +527,66 @@ def load_checkpoint(path, config, device):
 
 
 def append_result(path, result):
-    """One JSON line, in one write() on an O_APPEND file: whole even with parallel runs."""
+    """One JSON line, appended under an exclusive lock in one write(): whole beside parallel
+    runs, never glued to a line a crash left unfinished, and a short write is taken back."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(result) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if os.write(fd, line) != len(line):
-            raise OSError(f"short write to {path}")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # start after the unfinished line, which read_results skips
+        if write(fd, line) != len(line):
+            os.ftruncate(fd, size)
+            raise OSError(f"short write to {path}: disk full?")
     finally:
         os.close(fd)
 
 
+write = os.write  # one name to replace in the short-write test
+
+
 def read_results(path):
-    """The results in path (a list of dicts); lines that are not JSON are skipped."""
+    """The results in path (a list of dicts); lines that are not JSON objects are skipped."""
     results = []
-    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
         try:
-            results.append(json.loads(line))
-        except json.JSONDecodeError:  # not ours
+            result = json.loads(line)
+        except json.JSONDecodeError:  # not ours, or cut short by a crash
             continue
+        if isinstance(result, dict):
+            results.append(result)
     return results
 
 
 def has_result(results, config):
-    """Whether one of the results was run with this config."""
-    return any(all(r.get(k) == v for k, v in config.items()) for r in results)
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: a training step of frozen ResNet-LC-20-16xE, folded (one conv) vs literal (two)
-
-BENCH_EXPANSIONS = (1, 8, 32, 128)
-
-
-def bench_configs():
-    configs = [("ResNet-20-16", dict(), False)]
-    for e in BENCH_EXPANSIONS:
-        configs += [(f"LC-x{e} frozen", dict(expansion=e, frozen=True), two) for two in (False, True)]
-    return configs
-
-
-def bench_setup(kwargs, two_conv, batch_size, device):
-    torch.manual_seed(0)
-    model = to_device(lcconv.resnet(**kwargs), device)
-    if two_conv:  # the literal LC-Block instead of the folded one
-        for m in model.modules():
-            if isinstance(m, lcconv.LCConv2d):
-                m.forward = m.forward_two_conv
-    optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=0.01)
-    x = to_input(torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device), device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    return model, optimizer, x, y
-
-
-def bench_memory(kwargs, two_conv, batch_size, device, queue):
-    """In a fresh process: peak memory of three training steps, in MB. CUDA: allocated
-    tensors; CPU: resident memory above the process's start-up, capped at the free memory."""
-    try:
-        device = torch.device(device)
-        if device.type == "cpu":
-            free = int(next(l for l in open("/proc/meminfo") if l.startswith("MemAvailable")).split()[1]) * 1024
-            resource.setrlimit(resource.RLIMIT_DATA, (int(0.9 * free), int(0.9 * free)))
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        model, optimizer, x, y = bench_setup(kwargs, two_conv, batch_size, device)
-        for _ in range(3):
-            train_step(model, optimizer, x, y, 0.1, autocast_for(device))
-        queue.put(peak_memory_mb(device) - (0 if device.type == "cuda" else start))
-    except (RuntimeError, MemoryError):  # out of memory
-        queue.put(None)
-
-
-def benchmark(args, device):
-    autocast = autocast_for(device)
-    configs = bench_configs()
-    # fresh processes for clean peak-memory counters; on CPU with large blocks mmap-ed, so
-    # freed tensors go back to the OS and resident memory follows the live tensors
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    spawn = multiprocessing.get_context("spawn")
-    memory = []
-    for name, kwargs, two in configs:
-        queue = spawn.Queue()
-        process = spawn.Process(target=bench_memory, args=(kwargs, two, args.batch_size, str(device), queue))
-        process.start()
-        process.join()
-        memory.append(queue.get() if process.exitcode == 0 else None)
-    # time all configs that fit, interleaved round by round so that drift hits them alike;
-    # each turn starts with untimed steps (they absorb the cost of switching models), then
-    # runs for about `turn` seconds and at least two steps
-    runs = [bench_setup(kwargs, two, args.batch_size, device) if mb else None
-            for (_, kwargs, two), mb in zip(configs, memory)]
-    warmup, turn, rounds = (3, 1.0, 5) if device.type == "cuda" else (1, 4.0, 3)
-    times = [[] for _ in configs]
-    for _ in tqdm(range(rounds), desc="benchmark rounds", disable=None, file=sys.stderr):
-        for run, t in zip(runs, times):
-            if run is None:
-                continue
-            start = time.perf_counter()
-            for _ in range(warmup):
-                train_step(*run, 0.1, autocast)
-            sync(device)
-            steps = max(2, round(turn * warmup / (time.perf_counter() - start)))
-            start = time.perf_counter()
-            for _ in range(steps):
-                train_step(*run, 0.1, autocast)
-            sync(device)
-            t.append((time.perf_counter() - start) / steps * 1000)
-    median = [sorted(t)[len(t) // 2] if t else None for t in times]
-    print(f"Training step, batch {args.batch_size}, 32×32, {device_name(device)}, torch {torch.__version__}; "
-          f"median of {rounds} interleaved rounds\n")
-    print("| model | LC path | ms/step | × baseline | peak MB | × baseline |")
-    print("|---|---|---|---|---|---|")
-    for (name, kwargs, two), ms, mb in zip(configs, median, memory):
-        path = "—" if not kwargs else ("two convs" if two else "one conv (folded)")
-        if mb is None:
-            print(f"| {name} | {path} | out of memory | | | |")
-            continue
-        print(f"| {name} | {path} | {ms:.1f} | {ms / median[0]:.2f} | {mb:.0f} | {mb / memory[0]:.2f} |")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Whether one of the results was run with this config (a recipe)."""
+    return any(recipe(r) == config for r in results)
 
 
 # -----------------------------------------------------------------------------
 # Main
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA, a no-op elsewhere; chosen once, here."""
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def make_optimizer(model, lr, momentum, weight_decay):
-    """SGD over the learnable parameters only: frozen filters get no update at all."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.benchmark:
         return benchmark(args, device)
     config = recipe(args)
-    if args.skip_finished and has_result(read_results(args.out), config):
-        print(f"already in {args.out}: {json.dumps(config)}")
-        return
+    # a run with a checkpoint or --skip-finished is finished once its result is in --out
+    once = args.checkpoint or args.skip_finished
+    with claimed(args.out, config) if once else nullcontext():
+        if once and has_result(read_results(args.out), config):
+            print(f"already in {args.out}: {json.dumps(config)}")
+            return
+        run(args, config, device)
+
+
+def run(args, config, device):
     try:
         torch.manual_seed(args.seed)  # fixes the random filters
         net = build_net(args)
@@ -556,13 +607,12 @@ def main(argv=None):
         start_epoch, epoch_times, train_loss = state["epoch"], state["epoch_times"], state["train_loss"]
         print(f"resuming from {args.checkpoint} after epoch {start_epoch}")
     compiled = torch.compile(model) if args.compile else model
-    autocast = autocast_for(device)
     learnable, total = lcconv.count_parameters(model)
     print(f"{args.model} on {args.dataset}, {device_name(device)}: {learnable:,} learnable of {total:,} parameters")
 
     for epoch in range(start_epoch, args.epochs):
         start = time.perf_counter()
-        train_loss, train_acc = train_epoch(compiled, optimizer, scheduler, data, epoch, args, device, autocast)
+        train_loss, train_acc = train_epoch(compiled, optimizer, scheduler, data, args, epoch)
         epoch_times.append(time.perf_counter() - start)
         if not math.isfinite(train_loss):
             sys.exit(f"train.py: error: the loss became {train_loss} in epoch {epoch + 1}; "
@@ -576,22 +626,145 @@ def main(argv=None):
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()))
 
     # the last epoch's model, as the paper evaluates it
-    bs = args.batch_size
+    bs, test = args.batch_size, (data["test_x"], data["test_y"])
     result = dict(vars(args))
     result.update(
-        test_acc=accuracy(compiled, data["test_x"], data["test_y"], bs, device, autocast),
-        train_acc=accuracy(compiled, data["train_x"], data["train_y"], bs, device, autocast),
-        fgsm_acc=robust_accuracy(compiled, data["test_x"], data["test_y"], args.fgsm_eps, 1, bs, device, autocast),
-        pgd_acc=(robust_accuracy(compiled, data["test_x"], data["test_y"], args.fgsm_eps, args.pgd_steps, bs,
-                                 device, autocast, args.seed) if args.pgd_steps else None),
+        test_acc=accuracy(compiled, *test, bs),
+        train_acc=accuracy(compiled, data["train_x"], data["train_y"], bs),
+        fgsm_acc=robust_accuracy(compiled, *test, args.fgsm_eps, 1, bs),
+        pgd_acc=robust_accuracy(compiled, *test, args.fgsm_eps, args.pgd_steps, bs, args.seed) if args.pgd_steps else None,
         train_loss=train_loss, params_learnable=learnable, params_total=total,
         **filter_metrics(model.net),
         epoch_time_s=sum(epoch_times) / len(epoch_times), peak_mem_mb=peak_memory_mb(device),
         device=device_name(device), torch=torch.__version__)
-    if args.save_figures:
-        save_figures(model.net, args.save_figures)
-    append_result(args.out, result)
+    if args.preconditioned:  # the LC-Block it trains as, counted without building it
+        with torch.device("meta"):
+            blocks = build_net(argparse.Namespace(**{**vars(args), "preconditioned": False}))
+        result["lc_params_learnable"], result["lc_params_total"] = lcconv.count_parameters(blocks)
+    try:  # before the figures: a failing figure loses no result
+        append_result(args.out, result)
+    except OSError as e:
+        sys.exit(f"train.py: error: could not write the result to {args.out} ({e}); rerun the same command")
     print(json.dumps({k: result[k] for k in ("test_acc", "train_acc", "fgsm_acc", "fve_first", "fve_last")}))
+    if args.save_figures:
+        try:
+            save_figures(model.net, args.save_figures)
+        except OSError as e:
+            sys.exit(f"train.py: error: the result is in {args.out}, but the figures could not be written "
+                     f"to {args.save_figures} ({e.strerror or e})")
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: a training step of frozen ResNet-LC-20-16xE, as one conv (folded), as two
+# convs (the paper's block) and as the preconditioned conv, against the plain ResNet-20-16
+
+BENCH_CONFIGS = [("ResNet-20-16", "—", 0)] + [
+    (f"LC-x{e} frozen", path, e) for path, es in [("one conv (folded)", (1, 8, 128, 512, 8192)),
+                                                   ("two convs", (1, 8)),
+                                                   ("preconditioned", (1, 128, 512, 8192))] for e in es]
+
+
+def bench_setup(path, expansion, batch_size, device):
+    torch.manual_seed(0)
+    model = lcconv.resnet()
+    if expansion:
+        form = "preconditioned" if path == "preconditioned" else "block"
+        model = lcconv.convert(model, expansion, frozen=True, form=form)
+    if path == "two convs":  # the paper's block as drawn, instead of the folded one
+        for block in model.modules():
+            if isinstance(block, lcconv.LCConv2d):
+                block.forward = lambda x, block=block: block.combine(block.spatial(x))
+    model = to_device(model, device)
+    optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=0.01)
+    x = to_input(torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    return model, optimizer, x, y
+
+
+def bench_memory(path, expansion, batch_size, device, queue):
+    """In a fresh process: the peak memory of three training steps in MB, building the model
+    left out. CUDA: allocated tensors; CPU: resident memory above the process's start-up."""
+    try:
+        device = torch.device(device)
+        start = resident_mb()
+        model, optimizer, x, y = bench_setup(path, expansion, batch_size, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # peak resident memory := current
+        for _ in range(3):
+            train_step(model, optimizer, x, y, 0.1)
+        queue.put(peak_memory_mb(device) if device.type == "cuda" else resident_mb(peak=True) - start)
+    except (RuntimeError, MemoryError):  # out of memory
+        queue.put(None)
+
+
+def resident_mb(peak=False):
+    key = "VmHWM:" if peak else "VmRSS:"
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
+
+
+def benchmark(args, device, rounds=None):
+    """Each config's step time, interleaved round by round so that drift and neighbours hit
+    them alike: the median over rounds, and the ratio to the baseline of the same round, with
+    its range over rounds. A ratio whose range exceeds 10% of it is flagged as untrustworthy."""
+    # fresh processes for clean peak-memory counters; on CPU with large blocks mmap-ed, so
+    # freed tensors go back to the OS and resident memory follows the live tensors
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    spawn = multiprocessing.get_context("spawn")
+    memory = []
+    for _, path, e in tqdm(BENCH_CONFIGS, desc="benchmark memory", disable=None, file=sys.stderr):
+        queue = spawn.Queue()
+        process = spawn.Process(target=bench_memory, args=(path, e, args.batch_size, str(device), queue))
+        process.start()
+        process.join()
+        memory.append(queue.get() if process.exitcode == 0 else None)
+    runs = [bench_setup(path, e, args.batch_size, device) if mb else None
+            for (_, path, e), mb in zip(BENCH_CONFIGS, memory)]
+    rounds = rounds or (5 if device.type == "cuda" else 7)
+    times = [[] for _ in BENCH_CONFIGS]
+    for _ in tqdm(range(rounds), desc="benchmark rounds", disable=None, file=sys.stderr):
+        for run, t in zip(runs, times):
+            if run:
+                t.append(time_steps(run, device))
+    print(f"Training step, batch {args.batch_size}, 32×32, {device_name(device)}, torch {torch.__version__}; "
+          f"median of {rounds} interleaved rounds; × baseline: median [range] of the per-round ratios\n")
+    print("| model | LC path | ms/step | × baseline | peak MB | × baseline |")
+    print("|---|---|---|---|---|---|")
+    noisy = []
+    for (name, path, _), t, mb in zip(BENCH_CONFIGS, times, memory):
+        if mb is None:
+            print(f"| {name} | {path} | out of memory | | | |")
+            continue
+        ratios = [a / b for a, b in zip(t, times[0])]
+        ratio = statistics.median(ratios)
+        flag = ""
+        if (max(ratios) - min(ratios)) > 0.1 * ratio:
+            flag = " (noisy)"
+            noisy.append(name)
+        print(f"| {name} | {path} | {statistics.median(t):.1f} | {ratio:.2f} [{min(ratios):.2f}–{max(ratios):.2f}]"
+              f"{flag} | {mb:.0f} | {mb / memory[0]:.2f} |")
+    if noisy:
+        print(f"\nThe ratios of {len(noisy)} row(s) spread by more than 10% over the rounds: the machine was busy. "
+              "Do not trust them; rerun on a quiet machine.")
+
+
+def time_steps(run, device, seconds=2.0):
+    """ms per training step: one untimed step (it absorbs the switch from the last model),
+    then steps for about `seconds`, at least two."""
+    train_step(*run, 0.1)
+    sync(device)
+    start, steps = time.perf_counter(), 0
+    while steps < 2 or time.perf_counter() - start < seconds:
+        train_step(*run, 0.1)
+        steps += 1
+        sync(device)
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":
