@@ -13,8 +13,8 @@ Why it trains: with SGD, a frozen LC-Block trains exactly like one plain k×k co
 weight gradient is right-multiplied by the fixed matrix P = SᵀS of its random filters S
 (`PreconditionedConv2d`); for large E, P ≈ α·I, a learning rate α that grows with E.
 
-Contents, top to bottom: random filters -> LCConv2d -> plain ResNet and ConvMixer ->
-convert (the one way in) and fold (the one way out) -> the preconditioned form -> analysis.
+Contents, top to bottom: random filters -> LCConv2d -> its preconditioned form -> plain
+ResNet and ConvMixer -> convert (the one way in) and fold (the one way out) -> analysis.
 """
 import math
 from collections import OrderedDict

@@ -855,23 +855,60 @@ def test_a_short_write_of_the_result_then_a_rerun_gives_exactly_one_result(tiny_
     assert all(result[k] == uninterrupted[k] for k in METRICS)
 
 
+def test_benchmark_prints_paired_ratios_and_flags_a_noisy_row(monkeypatch, capsys):
+    configs = [("ResNet-20-16", "—", 0), ("LC-x8 frozen", "preconditioned", 8), ("LC-x2 frozen", "two convs", 2)]
+    monkeypatch.setattr(train, "BENCH_CONFIGS", configs)
+    # per round: baseline, preconditioned (a steady 1.02x), two convs (2x, then 3x: noisy)
+    times = iter([100.0, 102.0, 200.0, 50.0, 51.0, 150.0, 80.0, 81.6, 160.0])
+    monkeypatch.setattr(train, "time_steps", lambda run, device: next(times))
+    train.benchmark(train.parse_args(["--batch-size", "4"]), torch.device("cpu"), rounds=3)
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| LC-")}
+    assert "| 1.02 [1.02–1.02] |" in rows["preconditioned"] and "noisy" not in rows["preconditioned"]
+    assert "| 2.00 [2.00–3.00] (noisy) |" in rows["two convs"]
+    assert "Do not trust them" in out
+    for line in rows.values():  # every row measured its memory in its own process
+        assert float(line.split(" | ")[4]) > 0
+
+
 # -----------------------------------------------------------------------------
 # experiments.sh: every group lists valid commands; a tiny sweep runs, reports, skips, survives failures
 
-GROUPS = ["table1", "expansion", "width", "depth", "kernel", "ablation", "offtheshelf", "convmixer", "init"]
+import importlib.machinery  # noqa: E402
+import importlib.util  # noqa: E402
+
+GROUPS = ["table1", "expansion", "width", "depth", "kernel", "ablation", "offtheshelf", "convmixer", "init",
+          "mechanism"]
 HERE = Path(__file__).parent
+# a clean environment: the caller's SEEDS, EPOCHS, QUICK, PYTHON, ... must not reach the sweep
+CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
 
 
 def experiments(*args, **env):
+    """bash experiments.sh ARGS with only PATH, HOME and env in its environment."""
     return subprocess.run(["bash", "experiments.sh", *args], capture_output=True, text=True, cwd=HERE,
-                          env={**os.environ, **env})
+                          env={**CLEAN_ENV, **env})
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    """experiments.sh loaded as a module (bash only hands it to Python), to call main() in-process."""
+    loader = importlib.machinery.SourceFileLoader("experiments", str(HERE / "experiments.sh"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def listed(sweep, capsys, *groups, **env):
+    """The lines of `experiments.sh --list GROUPS` in a clean environment, in-process (no torch start-up)."""
+    assert sweep.main(["--list", *groups], {**CLEAN_ENV, **env}) == 0
+    return capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_list_prints_valid_train_commands_for_every_group(group):
-    listed = experiments("--list", group)
-    assert listed.returncode == 0, listed.stderr
-    commands = listed.stdout.splitlines()
+def test_list_prints_valid_train_commands_for_every_group(sweep, capsys, group, monkeypatch):
+    monkeypatch.setenv("EPOCHS", "3")  # the caller's settings do not leak in
+    commands = listed(sweep, capsys, group)
     assert len(commands) >= 8 and len(set(commands)) == len(commands)
     configs = set()
     for command in commands:
@@ -883,27 +920,48 @@ def test_list_prints_valid_train_commands_for_every_group(group):
     assert len(configs) == len(commands)  # no run listed twice
 
 
-def test_list_default_is_every_group_and_bad_group_fails():
-    everything = experiments("--list").stdout.splitlines()
-    assert len(everything) == sum(len(experiments("--list", g).stdout.splitlines()) for g in GROUPS)
-    quick = experiments("--list", QUICK="1").stdout.splitlines()
-    assert quick and all("--dataset fashionmnist" in c and "--seed 0" in c and "--train-subset" in c for c in quick)
+def test_list_default_quick_names_and_bad_group(sweep, capsys):
+    everything = experiments("--list", EPOCHS="")  # via bash, as users run it; empty is unset, as ${EPOCHS:-75} is
+    assert everything.returncode == 0, everything.stderr
+    assert everything.stdout.splitlines() == sum((listed(sweep, capsys, g) for g in GROUPS), [])
+    # names as the bash version made them (md5sum of the recipe's text), so checkpoints and logs carry over
+    assert "results/checkpoints/dataset_cifar10_expansion_128_frozen_seed_3-9d7fec4b.pt" in everything.stdout
+    quick = listed(sweep, capsys, QUICK="1")
+    assert quick == sum((listed(sweep, capsys, g, QUICK="1") for g in ["table1", "expansion", "mechanism"]), [])
+    assert all("--dataset fashionmnist" in c and "--seed 0" in c and "--train-subset" in c for c in quick)
     bad = experiments("--list", "kernels")
-    assert bad.returncode != 0 and "unknown group 'kernels'" in bad.stderr
+    assert bad.returncode == 2 and "'kernels'" in bad.stderr and bad.stderr.count("\n") == 1
 
 
-def test_tiny_sweep_reports_skips_finished_runs_and_survives_a_failure(tiny_data, tmp_path):
-    env = dict(DATASETS="fashionmnist", SEEDS="0", EPOCHS="1", DATA_DIR=str(tiny_data),
-               RESULTS=str(tmp_path / "results"), TRAIN_ARGS="--train-subset 256")
-    commands = experiments("--list", "table1", **env).stdout.splitlines()
+@pytest.mark.parametrize("setting, value, message", [
+    ("RESULTS", "A_FILE", "RESULTS="), ("GPUS", "7", "GPUS="), ("DATASETS", "cifar", "DATASETS"),
+    ("TRAIN_ARGS", "--bogus", "--bogus")])
+def test_bad_setting_is_one_line_before_any_work(tmp_path, setting, value, message):
+    (tmp_path / "A_FILE").write_text("not a folder")
+    env = dict(RESULTS=str(tmp_path / "results"), CUDA_VISIBLE_DEVICES="")  # no GPU, whatever the machine has
+    env[setting] = str(tmp_path / value) if value == "A_FILE" else value
+    run = experiments("ablation", **env)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert message in run.stderr and not (tmp_path / "results").exists() and "[1/" not in run.stdout
+
+
+def test_tiny_sweep_reports_skips_finished_runs_and_survives_a_failure(sweep, capsys, tiny_data, tmp_path,
+                                                                       monkeypatch):
+    env = dict(CLEAN_ENV, DATASETS="fashionmnist", SEEDS="0", EPOCHS="1", DATA_DIR=str(tiny_data),
+               RESULTS=str(tmp_path / "results"), TRAIN_ARGS="--train-subset 256", PYTHON=sys.executable)
+    commands = listed(sweep, capsys, "table1", **env)
     assert len(commands) == 3
     broken = Path(commands[1].split("--checkpoint ")[1].split()[0])  # a corrupt checkpoint fails this run
     broken.parent.mkdir(parents=True)
     broken.write_text("garbage")
 
-    first = experiments("table1", GPUS="0 1", **env)  # two at a time
-    assert first.returncode == 1 and "FAILED" in first.stdout and "1 run(s) failed" in first.stderr
-    assert "GPU 0: " in first.stdout and "GPU 1: " in first.stdout
+    # two at a time, on a machine with two GPUs as far as the sweep can tell (the runs use the CPU)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.chdir(HERE)
+    assert sweep.main(["table1"], dict(env, GPUS="0 1")) == 1
+    out, err = capsys.readouterr()
+    assert "FAILED" in out and "1 run(s) failed" in err and "GPU 0: " in out and "GPU 1: " in out
+    assert out.index("[2/3]") < min(out.index("done:"), out.index("FAILED"))  # the second began before one ended
     lines = (tmp_path / "results" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2  # the other two ran
     report = (tmp_path / "results" / "REPORT.md").read_text()
@@ -911,30 +969,49 @@ def test_tiny_sweep_reports_skips_finished_runs_and_survives_a_failure(tiny_data
 
     broken.unlink()
     second = experiments("table1", **env)
-    assert second.returncode == 0 and "[1/1]" in second.stdout  # only the failed run again
+    assert second.returncode == 0 and "[1/1]" in second.stdout, second.stdout + second.stderr  # the failed one again
     third = experiments("table1", **env)
     assert third.returncode == 0 and "[1/" not in third.stdout  # nothing new
     assert len((tmp_path / "results" / "results.jsonl").read_text().splitlines()) == 3
 
 
-def test_report_has_every_table_and_figure(tmp_path):
-    """The report from made-up results of every group (one seed): all sections, paper numbers, links."""
+def test_two_sweeps_on_one_results_folder_run_each_config_once(tiny_data, tmp_path):
+    env = dict(CLEAN_ENV, DATASETS="fashionmnist", SEEDS="0", EPOCHS="1", DATA_DIR=str(tiny_data),
+               RESULTS=str(tmp_path), TRAIN_ARGS="--train-subset 64 --depth 8 --width 4 --batch-size 64",
+               PYTHON=sys.executable)
+    sweeps = [subprocess.Popen(["bash", "experiments.sh", "table1"], cwd=HERE, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outputs = [s.communicate()[0] for s in sweeps]
+    assert [s.returncode for s in sweeps] == [0, 0], outputs  # a run that finds its result waited for counts as done
+    results = train.read_results(tmp_path / "results.jsonl")
+    assert len(results) == 3 and len({json.dumps(train.recipe(r), sort_keys=True) for r in results}) == 3
+    assert (tmp_path / "REPORT.md").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_has_every_table_and_figure(sweep, capsys, tmp_path):
+    """The report from made-up results of every group (two seeds): all sections, paper numbers,
+    links; each result written twice, and most without the newer config keys, as old lines are."""
     env = dict(SEEDS="0 1", RESULTS=str(tmp_path))
     lines = []
-    for i, command in enumerate(experiments("--list", **env).stdout.splitlines()):
+    for i, command in enumerate(listed(sweep, capsys, **env)):
         args = train.parse_args(command.split()[2:])
         k = args.kernel_size or 3
         variance = [[1.0 + (y == x == k // 2) for x in range(k)] for y in range(k)]
-        lines.append(json.dumps(dict(vars(args), test_acc=80 + i % 7, train_acc=90.0, fgsm_acc=70.0, pgd_acc=None,
-                                     params_learnable=1000 + i, params_total=2000, fve_first=1.0, fve_last=0.9,
-                                     fve_first_raw=0.9, fve_last_raw=0.8, spatial_variance=variance)))
+        result = dict(vars(args), test_acc=80 + i % 7, train_acc=90.0, fgsm_acc=70.0, pgd_acc=None,
+                      params_learnable=1000 + i, params_total=2000, fve_first=1.0, fve_last=0.9,
+                      fve_first_raw=0.9, fve_last_raw=0.8, spatial_variance=variance)
+        if not args.preconditioned and not args.lc_limit:  # a line from before these flags
+            del result["preconditioned"], result["lc_limit"]
+        lines += [json.dumps(result)] * 2
     (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
-    run = experiments("report", **env)
-    assert run.returncode == 0, run.stderr
+    assert sweep.main(["report"], {**CLEAN_ENV, **env}) == 0
     report = (tmp_path / "REPORT.md").read_text()
     for heading in ["Table 1", "Fig. 4 and 5", "Fig. 6a", "Fig. 6b", "Fig. 7-9", "Table 3", "Fig. 1",
                     "ConvMixer-256/8 on cifar10, kernel size", "centre-weighted init for ResNet-LC-20-16",
-                    "centre-weighted init for ConvMixer-256/8"]:
+                    "centre-weighted init for ConvMixer-256/8", "Why it works: frozen LC xE vs its large-E limit",
+                    "k = 9: frozen LC vs its limit"]:
         assert heading in report, heading
     assert "91.89 ± 0.10" in report and "94.72 ± 0.16" in report  # Tables 1 and 3 of the paper
-    assert "(2)" in report and "[filters](figures/" in report and "centre/ring 2.00" in report
+    assert "(2)" in report and "(4)" not in report  # one result per (config, seed)
+    assert "[filters](figures/" in report and "centre/ring 2.00" in report
+    assert "Ours, counting means within the seeds' spread" in report and "the limit tracks frozen LC at E =" in report
