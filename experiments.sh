@@ -15,7 +15,7 @@ numbers in $RESULTS/REPORT.md.
   bash experiments.sh --list [GROUP...]   print every train.py command, one per line; run nothing
   bash experiments.sh report              write $RESULTS/REPORT.md from the finished runs
   QUICK=1 bash experiments.sh             Table 1, Fig. 4 and the mechanism group scaled down to
-                                          Fashion-MNIST on a 2-core CPU (a 10k-image subset,
+                                          Fashion-MNIST on a 2-core CPU (a 5k-image subset,
                                           5 epochs, one seed; no k = 9 part in mechanism)
 
 Settings, from the environment (paper's defaults):
@@ -55,7 +55,7 @@ import train
 DEFAULTS = dict(SEEDS="0 1 2 3", EPOCHS="75", DATASETS=" ".join(train.DATASETS), DATA_DIR="./data",
                 RESULTS="results", TRAIN_ARGS="", GPUS="", PYTHON="python")
 QUICK_DEFAULTS = dict(SEEDS="0", EPOCHS="5", DATASETS="fashionmnist", RESULTS="results-quick",
-                      TRAIN_ARGS="--train-subset 10000")
+                      TRAIN_ARGS="--train-subset 5000")
 
 
 def die(message):
@@ -494,7 +494,9 @@ class Mechanism(Group):
     # which E each kind of run gets; QUICK: a Fashion-MNIST subset that still shows the result
     E = dict(frozen=EXPANSIONS, learnable=EXPANSIONS, limit=EXPANSIONS + (2048, 8192, 32768),
              preconditioned=(8, 128, 512, 2048, 8192, 32768), large_kernel=(8, 64, 512))
-    QUICK_E = dict(frozen=(16, 128, 512), learnable=(16, 128), limit=(16, 128, 512, 2048), preconditioned=(512,),
+    # QUICK: frozen and learnable LC are the expansion group's runs; past E = 128 frozen LC runs in
+    # the preconditioned form, at the plain ResNet's cost; E = 4 is below m = d (E = 9)
+    QUICK_E = dict(frozen=(4, 128), learnable=(4, 128), limit=(4, 128, 512, 2048), preconditioned=(128, 512, 2048),
                    large_kernel=())
     ONE_SEED_TOLERANCE = 0.5  # accuracy points that count as "the same" when one seed gives no spread
     PEAK = 128  # Fig. 4: frozen LC peaks here, then declines slightly
@@ -552,6 +554,7 @@ class Mechanism(Group):
         fve = [["baseline", "—", "—", cell(baseline, "fve_first"), "—", "—", cell(baseline, "fve_last")]]
         fve += [[e] + [cell(k[e], key) for key in ("fve_first", "fve_last") for k in (frozen, limit, learnable)]
                 for e in es]
+        basis = [[e] + self.basis_cells(frozen[e] + preconditioned[e]) for e in es if frozen[e] + preconditioned[e]]
 
         # ours: where the limit tracks frozen LC, whether the preconditioned form matches the
         # folded one (the identity at scale), whether both decline past the peak like Fig. 4
@@ -586,11 +589,26 @@ class Mechanism(Group):
                          "FGSM learnable"], acc)
                 + "\n" + table(["E", "FVE first, frozen", "limit", "learnable", "FVE last, frozen", "limit",
                                 "learnable"], fve)
+                + "\nThe random basis of each frozen LC run (lcconv.basis_summary, over its spatial layers): "
+                  "the share of the filter space its m filters span (rank/d), P's mean eigenvalue α (the "
+                  "learning-rate factor), and the spread of P's nonzero eigenvalues (largest/smallest) against "
+                  "the Marchenko-Pastur value for i.i.d. filters:\n\n"
+                + table(["E", "rank/d, smallest", "α, smallest–largest", "spread, largest", "Marchenko-Pastur"], basis)
                 + "\nExpected: the limit tracks frozen LC at large E and not at small E, where m < d "
                   "(below E = 9 in the 3×3 convs of equal width) and the filters span only a subspace; the "
                   "preconditioned runs match the frozen ones; if the decline past E = 128 in Fig. 4 is the growing "
                   "effective learning rate, the limit declines too.\n\n" + ours + "\n" + image
                 + self.large_kernel_section(results, ds))
+
+    @staticmethod
+    def basis_cells(rs):
+        """One run's random basis, over its layers: smallest rank share, α range, largest spread."""
+        layers = next((r["basis"] for r in rs if r.get("basis")), None)
+        if not layers:
+            return ["—"] * 4
+        alphas = [layer["alpha"] for layer in layers]
+        return [f"{min(layer['rank'] for layer in layers):.2f}", f"{min(alphas):.2f}–{max(alphas):.2f}",
+                f"{max(layer['spread'] for layer in layers):.3g}", f"{max(layer['spread_mp'] for layer in layers):.3g}"]
 
     def large_kernel_section(self, results, ds):
         rs = family(results, ds, dict(RESNET, kernel_size=LARGE_KERNEL), "expansion", "frozen", "init", "lc_limit")

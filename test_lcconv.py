@@ -525,6 +525,7 @@ def test_bad_arguments_raise_value_error(build, message):
 import json  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
+import shlex  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -975,17 +976,25 @@ def test_tiny_sweep_reports_skips_finished_runs_and_survives_a_failure(sweep, ca
     assert len((tmp_path / "results" / "results.jsonl").read_text().splitlines()) == 3
 
 
-def test_two_sweeps_on_one_results_folder_run_each_config_once(tiny_data, tmp_path):
+def test_two_sweeps_and_four_runs_on_one_results_folder_run_each_config_once(tiny_data, tmp_path):
+    """Load: 2 sweeps and 4 train.py commands (two of them the same) on one RESULTS at once."""
     env = dict(CLEAN_ENV, DATASETS="fashionmnist", SEEDS="0", EPOCHS="1", DATA_DIR=str(tiny_data),
                RESULTS=str(tmp_path), TRAIN_ARGS="--train-subset 64 --depth 8 --width 4 --batch-size 64",
                PYTHON=sys.executable)
-    sweeps = [subprocess.Popen(["bash", "experiments.sh", "table1"], cwd=HERE, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
-    outputs = [s.communicate()[0] for s in sweeps]
-    assert [s.returncode for s in sweeps] == [0, 0], outputs  # a run that finds its result waited for counts as done
-    results = train.read_results(tmp_path / "results.jsonl")
+    commands = experiments("--list", "table1", **env).stdout.splitlines()
+    assert len(commands) == 3
+    start = lambda argv: subprocess.Popen(argv, cwd=HERE, env=env, text=True, stdout=subprocess.PIPE,  # noqa: E731
+                                          stderr=subprocess.STDOUT)
+    everything = [start(["bash", "experiments.sh", "table1"]) for _ in range(2)]
+    everything += [start(shlex.split(commands[i])) for i in (0, 0, 1, 2)]
+    outputs = [p.communicate()[0] for p in everything]
+    assert [p.returncode for p in everything] == [0] * 6, outputs  # a run that finds its result waited for counts as done
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    results = [json.loads(line) for line in lines]  # every line whole
     assert len(results) == 3 and len({json.dumps(train.recipe(r), sort_keys=True) for r in results}) == 3
-    assert (tmp_path / "REPORT.md").exists() and not list(tmp_path.glob(".*.tmp"))
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "3 finished runs" in report and "(1)" in report and "(2)" not in report
+    assert not list(tmp_path.glob("**/*.tmp"))
 
 
 def test_report_has_every_table_and_figure(sweep, capsys, tmp_path):
