@@ -180,6 +180,14 @@ def centre_ratio(rs):
     return f"{statistics.mean(ratios):.2f}" if ratios else "—"
 
 
+def variance_range(rs):
+    """The spatial variance over its mean, smallest–largest position (the heatmap's numbers; its
+    grey is 1, white 4, black 1/4)."""
+    v = torch.tensor(rs[0]["spatial_variance"])
+    v = v / v.mean()
+    return f"{v.min():.2f}–{v.max():.2f}"
+
+
 def figure_links(rs, folder):
     r = next((r for r in rs if r.get("save_figures")), None)
     if r is None:
@@ -372,13 +380,13 @@ class Kernel(Group):
                                   (f"LC x{es[-1]} frozen", dict(expansion=es[-1], frozen=True))]:
                 chosen = select(rs, kernel_size=k, **config)
                 if chosen:
-                    heat.append([k, label, centre_ratio(chosen), figure_links(chosen, folder)])
+                    heat.append([k, label, centre_ratio(chosen), variance_range(chosen), figure_links(chosen, folder)])
         return (f"## Fig. 7-9: kernel size on {ds}; test accuracy %, frozen / learnable per E\n\n"
                 + table(["k", "baseline"] + [f"E = {e}" for e in es], rows)
                 + "\nPaper: the frozen-vs-learnable gap grows with k and shrinks with E.\n" + image
                 + "\nSpatial variance of the combined filters (Fig. 8b), centre over outer ring (1 = uniform). "
                   "Paper: learned large kernels concentrate variance in the centre; LCs of i.i.d. random filters "
-                  "stay uniform.\n\n" + table(["k", "filters", "centre / ring", "figures"], heat))
+                  "stay uniform.\n\n" + table(["k", "filters", "centre / ring", "variance / mean", "figures"], heat))
 
 
 class Ablation(Group):
@@ -558,11 +566,11 @@ class Mechanism(Group):
 
         # ours: where the limit tracks frozen LC, whether the preconditioned form matches the
         # folded one (the identity at scale), whether both decline past the peak like Fig. 4
-        both = [e for e in es if frozen[e] and limit[e]]
-        tracks = [e for e in both if self.agree(frozen[e], limit[e])]
+        frozen_either_form = {e: frozen[e] or preconditioned[e] for e in es}  # past 512 only preconditioned runs
+        both = [e for e in es if frozen_either_form[e] and limit[e]]
+        tracks = [e for e in both if self.agree(frozen_either_form[e], limit[e])]
         pairs = [e for e in es if frozen[e] and preconditioned[e]]
         matches = [e for e in pairs if self.agree(frozen[e], preconditioned[e])]
-        frozen_either_form = {e: frozen[e] or preconditioned[e] for e in es}  # past 512 only preconditioned runs
         one_seed = any(len(values(k[e], "test_acc")) == 1 for k in (frozen, preconditioned, limit) for e in es)
         within = (f"within {self.ONE_SEED_TOLERANCE} points (one seed: no spread to compare with)" if one_seed
                   else "within the seeds' spread (the larger std over seeds)")
@@ -570,7 +578,8 @@ class Mechanism(Group):
         def listed(xs):
             return ", ".join(map(str, xs)) or "none"
 
-        ours = (f"Ours, counting means {within} as equal: the limit tracks frozen LC at E = {listed(tracks)}; "
+        ours = (f"Ours, counting means {within} as equal: the limit tracks frozen LC (folded, or preconditioned "
+                f"where only that ran) at E = {listed(tracks)}; "
                 f"not at E = {listed([e for e in both if e not in tracks])}. "
                 f"The preconditioned form matches folded frozen LC at E = {listed(matches)}; "
                 f"differs at E = {listed([e for e in pairs if e not in matches])}. "

@@ -722,11 +722,12 @@ def benchmark(args, device, rounds=None):
     runs = [bench_setup(path, e, args.batch_size, device) if mb else None
             for (_, path, e), mb in zip(BENCH_CONFIGS, memory)]
     rounds = rounds or (5 if device.type == "cuda" else 7)
+    seconds = 1.0 if device.type == "cuda" else 4.0  # per turn: long enough to average out a busy neighbour
     times = [[] for _ in BENCH_CONFIGS]
     for _ in tqdm(range(rounds), desc="benchmark rounds", disable=None, file=sys.stderr):
         for run, t in zip(runs, times):
             if run:
-                t.append(time_steps(run, device))
+                t.append(time_steps(run, device, seconds))
     print(f"Training step, batch {args.batch_size}, 32×32, {device_name(device)}, torch {torch.__version__}; "
           f"median of {rounds} interleaved rounds; × baseline: median [range] of the per-round ratios\n")
     print("| model | LC path | ms/step | × baseline | peak MB | × baseline |")
@@ -749,7 +750,7 @@ def benchmark(args, device, rounds=None):
               "Do not trust them; rerun on a quiet machine.")
 
 
-def time_steps(run, device, seconds=2.0):
+def time_steps(run, device, seconds):
     """ms per training step: one untimed step (it absorbs the switch from the last model),
     then steps for about `seconds`, at least two."""
     train_step(*run, 0.1)
