@@ -390,8 +390,8 @@ def _preconditioned_lc_block(name, conv, expansion, init, chunk_entries=2**22):
     conv: the same random numbers in the same order, so the same K₀ and P, but S drawn in
     chunks, twice: for P = SᵀS, then (after C is drawn) again for K₀ = C·S."""
     args = _conv_arguments(name, conv)
-    in_channels, out_channels, kernel_size, groups, bias = args[0], args[1], args[2], args[6], args[7]
-    m, shape = out_channels * expansion // groups, (in_channels // groups, *kernel_size)
+    out_channels, groups = conv.out_channels, conv.groups
+    m, shape = out_channels * expansion // groups, conv.weight.shape[1:]
     d = math.prod(shape)
     for _ in _draw_filters(groups, m, shape, "kaiming_uniform", chunk_entries):
         pass  # nn.Conv2d's own init of LCConv2d.spatial, which init_filters_ overwrites
@@ -399,7 +399,8 @@ def _preconditioned_lc_block(name, conv, expansion, init, chunk_entries=2**22):
     preconditioner = torch.zeros(groups, d, d)
     for group, _, filters in _draw_filters(groups, m, shape, init, chunk_entries):
         preconditioner[group] += filters.T @ filters
-    combine = nn.Conv2d(out_channels * expansion, out_channels, 1, groups=groups, bias=bias)  # C, as LCConv2d draws it
+    # C, drawn as LCConv2d draws it
+    combine = nn.Conv2d(out_channels * expansion, out_channels, 1, groups=groups, bias=conv.bias is not None)
     end_state = torch.get_rng_state()
     torch.set_rng_state(filters_state)
     c = combine.weight.reshape(groups, out_channels // groups, m)

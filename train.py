@@ -526,6 +526,9 @@ def load_checkpoint(path, config, device):
     return state
 
 
+write = os.write  # one name to replace in the short-write test
+
+
 def append_result(path, result):
     """One JSON line, appended under an exclusive lock in one write(): whole beside parallel
     runs, never glued to a line a crash left unfinished, and a short write is taken back."""
@@ -542,9 +545,6 @@ def append_result(path, result):
             raise OSError(f"short write to {path}: disk full?")
     finally:
         os.close(fd)
-
-
-write = os.write  # one name to replace in the short-write test
 
 
 def read_results(path):
