@@ -17,12 +17,14 @@ numbers in $RESULTS/REPORT.md.
   QUICK=1 bash experiments.sh             Table 1, Fig. 4 and the mechanism group scaled down to
                                           Fashion-MNIST on a 2-core CPU (a 5k-image subset,
                                           5 epochs, one seed; no k = 9 part in mechanism)
+  QUICK=1 bash experiments.sh length      the same 100 SGD steps beside 1,175 on all 60k images
+  QUICK=1 bash experiments.sh kernel      matched m/d across k = 3 ... 9 at the QUICK scale
 
 Settings, from the environment (paper's defaults):
   SEEDS="0 1 2 3"   EPOCHS=75   DATASETS="cifar10 cifar100 svhn fashionmnist" (groups keep only
   runs on these)   DATA_DIR=./data   RESULTS=results   TRAIN_ARGS="" (added to every run and
   overriding it, e.g. "--train-subset 5000")   GPUS="" (e.g. "0 1 2 3": one run per GPU at a time)
-  PYTHON=python
+  PYTHON=python   QUICK=1 also trains on the first 5,000 images only (TRAIN_SUBSET=5000)
 
 A run whose config already has a line in $RESULTS/results.jsonl is skipped; an interrupted run
 resumes from its checkpoint in $RESULTS/checkpoints. A failed run is reported and the others
@@ -53,9 +55,8 @@ import train
 # Settings: the environment, with the paper's defaults; QUICK=1 scales them to a 2-core CPU
 
 DEFAULTS = dict(SEEDS="0 1 2 3", EPOCHS="75", DATASETS=" ".join(train.DATASETS), DATA_DIR="./data",
-                RESULTS="results", TRAIN_ARGS="", GPUS="", PYTHON="python")
-QUICK_DEFAULTS = dict(SEEDS="0", EPOCHS="5", DATASETS="fashionmnist", RESULTS="results-quick",
-                      TRAIN_ARGS="--train-subset 5000")
+                RESULTS="results", TRAIN_ARGS="", GPUS="", PYTHON="python", TRAIN_SUBSET="")
+QUICK_DEFAULTS = dict(SEEDS="0", EPOCHS="5", DATASETS="fashionmnist", RESULTS="results-quick", TRAIN_SUBSET="5000")
 
 
 def die(message):
@@ -69,6 +70,7 @@ class Settings:
     quick: bool
     seeds: list
     epochs: str
+    train_subset: str  # "" = the whole training set
     datasets: list
     data_dir: str
     results: str  # as given: the commands use it verbatim
@@ -88,8 +90,8 @@ def read_settings(env):
     def get(name):  # as bash's ${NAME:-default}: unset or empty takes the default
         return env.get(name) or (quick and QUICK_DEFAULTS.get(name)) or DEFAULTS[name]
 
-    s = Settings(quick, get("SEEDS").split(), get("EPOCHS"), get("DATASETS").split(), get("DATA_DIR"),
-                 get("RESULTS"), get("TRAIN_ARGS"), get("GPUS").split(), get("PYTHON"), dict(env))
+    s = Settings(quick, get("SEEDS").split(), get("EPOCHS"), get("TRAIN_SUBSET"), get("DATASETS").split(),
+                 get("DATA_DIR"), get("RESULTS"), get("TRAIN_ARGS"), get("GPUS").split(), get("PYTHON"), dict(env))
     unknown = [d for d in s.datasets if d not in train.DATASETS]
     if unknown:
         die(f"DATASETS has {' '.join(unknown)}; datasets: {' '.join(train.DATASETS)}")
@@ -154,6 +156,31 @@ def cell(rs, key="test_acc"):
     if len(v) < 2:
         return f"{v[0]:.2f} (1)" if v else "—"
     return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} ({len(v)})"
+
+
+ONE_SEED_TOLERANCE = 0.5  # accuracy points that count as "the same" when one seed gives no spread
+
+
+def tolerance(*groups):
+    """How far two means may be apart and still count as equal: the seeds' spread (the larger
+    std over seeds), or a fixed tolerance where a group has one seed."""
+    spreads = [statistics.stdev(values(rs, "test_acc")) for rs in groups if len(values(rs, "test_acc")) > 1]
+    return max(spreads) if len(spreads) == len(groups) else ONE_SEED_TOLERANCE
+
+
+def agree(a, b):
+    return abs(mean(a) - mean(b)) <= tolerance(a, b)
+
+
+def within(*groups):
+    """What tolerance() counts as equal, in words."""
+    if any(len(values(rs, "test_acc")) < 2 for rs in groups):
+        return f"within {ONE_SEED_TOLERANCE} points (one seed: no spread to compare with)"
+    return "within the seeds' spread (the larger std over seeds)"
+
+
+def listed(xs):
+    return ", ".join(map(str, xs)) or "none"
 
 
 def table(header, rows):
@@ -255,6 +282,7 @@ def flags(*words):
 
 class Group:
     name = figure = ""  # the group's name on the command line; the table or figure it reproduces
+    spans_settings = False  # True: its report reads the runs of every training setting at once
 
     def configs(self, s):
         """The group's runs under the settings s, as lists of train.py flags."""
@@ -353,16 +381,56 @@ class Scaling(Group):
 
 
 class Kernel(Group):
-    name, figure = "kernel", "Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones"
+    """Fig. 7-9, and beyond the paper: P depends on E and k only through m/d = E·c_out/(c_in·k²),
+    so are the frozen-vs-learnable gaps the same at matched m/d? QUICK runs only that part."""
+    name, figure = "kernel", "Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones; matched m/d"
+    MATCHED = {3: 16, 5: 44, 7: 87, 9: 144}  # E ∝ k²: m/d ≈ 1.78 in the convs of equal width, ∝ E/k² in all
 
     def configs(self, s):
         for k in KERNEL_SIZES:
             yield flags("--dataset", s.main, "--kernel-size", k)
-            for e in LC_EXPANSIONS:
+            for e in [] if s.quick else LC_EXPANSIONS:
                 yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e)
                 yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e, "--frozen")
+            e = self.MATCHED[k]  # frozen in the preconditioned form at every k: the folded one is slow at k = 9
+            if s.quick or e not in LC_EXPANSIONS:  # else the grid has it
+                yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e)
+            yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e, "--frozen", "--preconditioned")
 
     def section(self, results, ds, folder):
+        return self.grid_section(results, ds, folder) + self.matched_section(results, ds)
+
+    def matched_section(self, results, ds):
+        rs = family(results, ds, RESNET, "kernel_size", "expansion", "frozen", "preconditioned")
+        rows, gaps = [], {}
+        for k, e in self.MATCHED.items():
+            frozen = select(rs, kernel_size=k, expansion=e, frozen=True, preconditioned=True)
+            learnable = select(rs, kernel_size=k, expansion=e)
+            if frozen or learnable:
+                rows.append([k, e, f"{e / k**2:.2f}", cell(select(rs, kernel_size=k)), cell(frozen), cell(learnable),
+                             f"{mean(learnable) - mean(frozen):.2f}".replace("nan", "—")])
+            if frozen and learnable:
+                gaps[k] = (frozen, learnable)
+        if not rows:
+            return ""
+        ours = "Ours: — (fewer than two kernel sizes with both runs)."
+        if len(gaps) >= 2:
+            gap = {k: mean(b) - mean(a) for k, (a, b) in gaps.items()}
+            spread = max(gap.values()) - min(gap.values())
+            tol = 2 * tolerance(*sum(gaps.values(), ()))  # a gap is a difference of two means
+            ours = (f"Ours: at matched m/d the gap (learnable − frozen) is "
+                    + ", ".join(f"{g:+.2f} at k = {k}" for k, g in gap.items()) + f"; it spreads by {spread:.2f} "
+                    f"points across k, against {tol:.2f} for two differences of means "
+                    f"{within(*sum(gaps.values(), ()))}: "
+                    + ("consistent with a gap set by m/d alone." if spread <= tol else
+                       "the hypothesis fails; the spread is what the kernel size costs beyond the basis statistics."))
+        return (f"\n### Matched m/d across k on {ds}\n\nP depends on E and k only through m/d = E·c_out/(c_in·k²) "
+                "(its mean α = (m/d)/3, rank min(1, m/d), spread from √(d/m)); so does the init scale. Frozen LC in "
+                "the preconditioned form. Test accuracy %:\n\n"
+                + table(["k", "E", "m/d (equal width)", "baseline", "frozen LC", "learnable LC", "gap"], rows)
+                + "\nHypothesis: the frozen-vs-learnable gap of Fig. 8a is a function of m/d alone.\n\n" + ours + "\n")
+
+    def grid_section(self, results, ds, folder):
         rs = family(results, ds, RESNET, "kernel_size", "expansion", "frozen")
         ks = sizes(rs, "kernel_size")
         es = [e for e in sizes(rs, "expansion") if e > 0 and all(select(rs, kernel_size=k, expansion=e) for k in ks)]
@@ -501,12 +569,12 @@ class Mechanism(Group):
     name, figure = "mechanism", "why it works (beyond the paper): frozen LC xE vs its large-E limit, E = 1 ... 32768"
     # which E each kind of run gets; QUICK: a Fashion-MNIST subset that still shows the result
     E = dict(frozen=EXPANSIONS, learnable=EXPANSIONS, limit=EXPANSIONS + (2048, 8192, 32768),
-             preconditioned=(8, 128, 512, 2048, 8192, 32768), large_kernel=(8, 64, 512))
+             init=EXPANSIONS + (2048, 8192, 32768), preconditioned=(8, 128, 512, 2048, 8192, 32768),
+             large_kernel=(8, 64, 512))
     # QUICK: frozen and learnable LC are the expansion group's runs; past E = 128 frozen LC runs in
     # the preconditioned form, at the plain ResNet's cost; E = 4 is below m = d (E = 9)
-    QUICK_E = dict(frozen=(4, 128), learnable=(4, 128), limit=(4, 128, 512, 2048), preconditioned=(128, 512, 2048),
-                   large_kernel=())
-    ONE_SEED_TOLERANCE = 0.5  # accuracy points that count as "the same" when one seed gives no spread
+    QUICK_E = dict(frozen=(4, 128), learnable=(4, 128), limit=(4, 128, 512, 2048), init=(4, 128, 2048),
+                   preconditioned=(128, 512, 2048), large_kernel=())
     PEAK = 128  # Fig. 4: frozen LC peaks here, then declines slightly
 
     def configs(self, s):
@@ -516,6 +584,8 @@ class Mechanism(Group):
             yield flags("--dataset", ds, "--expansion", e, "--frozen")
         for e in es["limit"]:
             yield flags("--dataset", ds, "--lc-limit", e)
+        for e in es["init"]:
+            yield flags("--dataset", ds, "--lc-init", e)
         for e in es["learnable"]:
             yield flags("--dataset", ds, "--expansion", e)
         for e in es["preconditioned"]:
@@ -527,15 +597,6 @@ class Mechanism(Group):
                 yield frozen_large_kernel(ds, e, i)
                 yield flags("--dataset", ds, "--kernel-size", LARGE_KERNEL, "--lc-limit", e, "--init", i)
 
-    def tolerance(self, *groups):
-        """How far two means may be apart and still count as equal: the seeds' spread (the
-        larger std over seeds), or a fixed tolerance where a group has one seed."""
-        spreads = [statistics.stdev(values(rs, "test_acc")) for rs in groups if len(values(rs, "test_acc")) > 1]
-        return max(spreads) if len(spreads) == len(groups) else self.ONE_SEED_TOLERANCE
-
-    def agree(self, a, b):
-        return abs(mean(a) - mean(b)) <= self.tolerance(a, b)
-
     def trend(self, runs):
         """Accuracy from E = PEAK to the largest E past it (runs: {E: runs}): declines, holds or rises."""
         past = [e for e in runs if e > self.PEAK and runs[e]]
@@ -543,21 +604,22 @@ class Mechanism(Group):
             return "— (not in the sweep)"
         at_peak, last = runs[self.PEAK], runs[past[-1]]
         change = mean(last) - mean(at_peak)
-        word = "holds" if abs(change) <= self.tolerance(at_peak, last) else "declines" if change < 0 else "rises"
+        word = "holds" if abs(change) <= tolerance(at_peak, last) else "declines" if change < 0 else "rises"
         return f"{word} ({mean(at_peak):.2f} at E = {self.PEAK}, {mean(last):.2f} at E = {past[-1]})"
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, RESNET, "expansion", "frozen", "preconditioned", "lc_limit")
+        rs = family(results, ds, RESNET, "expansion", "frozen", "preconditioned", "lc_limit", "lc_init")
         if not any(r["lc_limit"] for r in rs):
             return ""
-        es = sorted({r["expansion"] or r["lc_limit"] for r in rs} - {0, None})
+        es = sorted({r["expansion"] or r["lc_limit"] or r["lc_init"] for r in rs} - {0, None})
         baseline = select(rs)
         frozen = {e: select(rs, expansion=e, frozen=True) for e in es}
         preconditioned = {e: select(rs, expansion=e, frozen=True, preconditioned=True) for e in es}
         limit = {e: select(rs, lc_limit=e) for e in es}
+        init = {e: select(rs, lc_init=e) for e in es}
         learnable = {e: select(rs, expansion=e) for e in es}
-        acc = [["baseline", "—", "—", "—", cell(baseline), "—", "—", cell(baseline, "fgsm_acc")]]
-        acc += [[e] + [cell(k[e]) for k in (frozen, preconditioned, limit, learnable)]
+        acc = [["baseline", "—", "—", "—", "—", cell(baseline), "—", "—", cell(baseline, "fgsm_acc")]]
+        acc += [[e] + [cell(k[e]) for k in (frozen, preconditioned, limit, init, learnable)]
                 + [cell(k[e], "fgsm_acc") for k in (frozen, limit, learnable)] for e in es]
         fve = [["baseline", "—", "—", cell(baseline, "fve_first"), "—", "—", cell(baseline, "fve_last")]]
         fve += [[e] + [cell(k[e], key) for key in ("fve_first", "fve_last") for k in (frozen, limit, learnable)]
@@ -568,34 +630,34 @@ class Mechanism(Group):
         # folded one (the identity at scale), whether both decline past the peak like Fig. 4
         frozen_either_form = {e: frozen[e] or preconditioned[e] for e in es}  # past 512 only preconditioned runs
         both = [e for e in es if frozen_either_form[e] and limit[e]]
-        tracks = [e for e in both if self.agree(frozen_either_form[e], limit[e])]
+        tracks = [e for e in both if agree(frozen_either_form[e], limit[e])]
         pairs = [e for e in es if frozen[e] and preconditioned[e]]
-        matches = [e for e in pairs if self.agree(frozen[e], preconditioned[e])]
-        one_seed = any(len(values(k[e], "test_acc")) == 1 for k in (frozen, preconditioned, limit) for e in es)
-        within = (f"within {self.ONE_SEED_TOLERANCE} points (one seed: no spread to compare with)" if one_seed
-                  else "within the seeds' spread (the larger std over seeds)")
-
-        def listed(xs):
-            return ", ".join(map(str, xs)) or "none"
-
-        ours = (f"Ours, counting means {within} as equal: the limit tracks frozen LC (folded, or preconditioned "
+        matches = [e for e in pairs if agree(frozen[e], preconditioned[e])]
+        twins = [e for e in es if limit[e] and init[e]]
+        same = [e for e in twins if agree(limit[e], init[e])]
+        equal = within(*(k[e] for k in (frozen, preconditioned, limit) for e in es if k[e]))
+        ours = (f"Ours, counting means {equal} as equal: the limit tracks frozen LC (folded, or preconditioned "
                 f"where only that ran) at E = {listed(tracks)}; "
                 f"not at E = {listed([e for e in both if e not in tracks])}. "
                 f"The preconditioned form matches folded frozen LC at E = {listed(matches)}; "
                 f"differs at E = {listed([e for e in pairs if e not in matches])}. "
+                f"The init form matches the limit at E = {listed(same)}; differs at "
+                f"E = {listed([e for e in twins if e not in same])}. "
                 f"Past E = {self.PEAK}, frozen LC {self.trend(frozen_either_form)}; the limit {self.trend(limit)}.")
         image = plot(folder, f"mechanism_{ds}", "LC expansion E", "test accuracy %", {
             "frozen LC": [(e, mean(frozen[e])) for e in es],
             "preconditioned": [(e, mean(preconditioned[e])) for e in es],
             "limit (--lc-limit E)": [(e, mean(limit[e])) for e in es],
+            "init (--lc-init E)": [(e, mean(init[e])) for e in es],
             "learnable LC": [(e, mean(learnable[e])) for e in es], "baseline": [(e, mean(baseline)) for e in es]})
         return (f"## Why it works: frozen LC xE vs its large-E limit on {ds}\n\n"
                 "A frozen LC-Block trains exactly as one conv whose gradient is multiplied by P = SᵀS (S: its "
                 "frozen filters, m = E·c_out rows of d = c_in·k²); *preconditioned* runs it in that form. For "
                 "m ≫ d, P → α·I with α = E·c_out/(3·c_in·k²): a plain conv with learning rate α·lr, the *limit* "
-                "(`--lc-limit E`). Test accuracy % and FGSM accuracy:\n\n"
-                + table(["E", "frozen LC", "preconditioned", "limit", "learnable LC", "FGSM frozen", "FGSM limit",
-                         "FGSM learnable"], acc)
+                "(`--lc-limit E`); under BatchNorm that is exactly the plain ResNet started at the limit's "
+                "filters / √α, the *init* form (`--lc-init E`). Test accuracy % and FGSM accuracy:\n\n"
+                + table(["E", "frozen LC", "preconditioned", "limit", "init", "learnable LC", "FGSM frozen",
+                         "FGSM limit", "FGSM learnable"], acc)
                 + "\n" + table(["E", "FVE first, frozen", "limit", "learnable", "FVE last, frozen", "limit",
                                 "learnable"], fve)
                 + "\nThe random basis of each frozen LC run (lcconv.basis_summary, over its spatial layers): "
@@ -605,8 +667,9 @@ class Mechanism(Group):
                 + table(["E", "rank/d, smallest", "α, smallest–largest", "spread, largest", "Marchenko-Pastur"], basis)
                 + "\nExpected: the limit tracks frozen LC at large E and not at small E, where m < d "
                   "(below E = 9 in the 3×3 convs of equal width) and the filters span only a subspace; the "
-                  "preconditioned runs match the frozen ones; if the decline past E = 128 in Fig. 4 is the growing "
-                  "effective learning rate, the limit declines too.\n\n" + ours + "\n" + image
+                  "preconditioned runs match the frozen ones; the init form matches the limit up to BatchNorm's eps "
+                  "and float32 rounding; if the decline past E = 128 in Fig. 4 is the growing effective learning "
+                  "rate, the limit declines too.\n\n" + ours + "\n" + image
                 + self.large_kernel_section(results, ds))
 
     @staticmethod
@@ -633,13 +696,88 @@ class Mechanism(Group):
                   "(for `center`, E[P] is α·diag(g²): a higher learning rate at the kernel centre)?\n")
 
 
+def steps(r):
+    """SGD steps of a run, and its schedule: (steps, epochs, training images)."""
+    images = r["train_subset"] or train.DATASETS[r["dataset"]]["train_images"]
+    return r["epochs"] * math.ceil(images / r["batch_size"]), r["epochs"], images
+
+
+def gained(rs, baseline):
+    """A cell with the gain over the baseline: "82.13 (1) +4.93"."""
+    return f"{cell(rs)} {mean(rs) - mean(baseline):+.2f}" if rs and baseline else cell(rs)
+
+
+class Length(Group):
+    """Is the mechanism the paper's at the paper's length? Under BatchNorm the large-E limit of
+    frozen LC xE is exactly a smaller init of the plain ResNet (--lc-init E), which in a BN network
+    is a larger effective learning rate early on. Either training forgets it and the gain fades
+    with length, or the early phase picks a solution that the long run keeps."""
+    name, figure = "length", "why it works over time (beyond the paper): E = 4, 128, 2048 at 5, 15 and EPOCHS epochs"
+    E, QUICK_E = (4, 128, 2048), (128,)
+    SHORT_EPOCHS = (5, 15)  # beside EPOCHS (75), the paper's
+    spans_settings = True  # its report compares runs of several schedules
+
+    def configs(self, s):
+        # [] is the settings' own schedule: QUICK's 100 steps, beside 5 epochs on all 60,000
+        # images (1,175 steps); else 5 and 15 epochs beside EPOCHS
+        schedules = [[], flags("--epochs", 5)] if s.quick else [flags("--epochs", e) for e in self.SHORT_EPOCHS] + [[]]
+        for schedule in schedules:
+            yield flags("--dataset", s.main, *schedule)
+            for e in self.QUICK_E if s.quick else self.E:
+                preconditioned = ["--preconditioned"] if s.quick or e > Mechanism.PEAK else []
+                yield flags("--dataset", s.main, "--expansion", e, "--frozen", *preconditioned, *schedule)
+                yield flags("--dataset", s.main, "--lc-init", e, *schedule)
+                if not s.quick:
+                    yield flags("--dataset", s.main, "--lc-limit", e, *schedule)
+                    yield flags("--dataset", s.main, "--expansion", e, *schedule)
+
+    def section(self, results, ds, folder):
+        rs = family(results, ds, RESNET, "expansion", "frozen", "preconditioned", "lc_limit", "lc_init", *SETTING)
+        schedules = {}
+        for r in rs:
+            schedules.setdefault(steps(r), []).append(r)
+        es = sorted({r["lc_init"] for r in rs} - {None})
+        if len(schedules) < 2 or not es:
+            return ""
+        rows, at_peak = [], {}
+        for (n, epochs, images), runs in sorted(schedules.items()):
+            baseline = select(runs)
+            for e in es:
+                kinds = [select(runs, expansion=e, frozen=True) or select(runs, expansion=e, frozen=True,
+                                                                          preconditioned=True),
+                         select(runs, lc_limit=e), select(runs, lc_init=e), select(runs, expansion=e)]
+                rows.append([f"{epochs} epochs, {images:,} images", f"{n:,}", e, cell(baseline)]
+                            + [gained(k, baseline) for k in kinds])
+                if e == Mechanism.PEAK and baseline and kinds[0]:
+                    at_peak[n] = (baseline, kinds[0], kinds[2])
+        ours = "Ours: — (no two schedules with frozen LC and the baseline at E = 128)."
+        if len(at_peak) >= 2:
+            (short, (b0, f0, i0)), (long, (b1, f1, i1)) = min(at_peak.items()), max(at_peak.items())
+            gain0, gain1 = mean(f0) - mean(b0), mean(f1) - mean(b1)
+            change, tol = gain1 - gain0, tolerance(b0, f0, b1, f1)
+            word = "holds" if abs(change) <= tol else "shrinks" if change < 0 else "grows"
+            tracks = [n for n, (_, f, i) in sorted(at_peak.items()) if i and agree(f, i)]
+            apart = [n for n, (_, f, i) in sorted(at_peak.items()) if i and not agree(f, i)]
+            ours = (f"Ours, counting differences {within(b0, f0, b1, f1)} as equal: at E = {Mechanism.PEAK} frozen "
+                    f"LC gains {gain0:+.2f} points over the baseline after {short:,} SGD steps and {gain1:+.2f} after "
+                    f"{long:,}: the gain {word} with length. `--lc-init` tracks frozen LC after {listed(tracks)} "
+                    f"steps; not after {listed(apart)}.")
+        return (f"## Why it works, over time: frozen LC xE vs the init it reduces to, on {ds}\n\n"
+                "Test accuracy % and the gain over the baseline of the same schedule. Frozen LC runs folded or, "
+                "past E = 128 (and in QUICK), preconditioned; *limit* is `--lc-limit E`, *init* `--lc-init E` (the "
+                "plain ResNet started at the limit's filters / √α, the same training under BatchNorm).\n\n"
+                + table(["schedule", "SGD steps", "E", "baseline", "frozen LC", "limit", "init", "learnable LC"], rows)
+                + "\nOpen: does the gain fade as training forgets the init, or does the early phase pick a solution "
+                  "the long run keeps?\n\n" + ours + "\n")
+
+
 GROUPS = {g.name: g for g in [
     Table1(), Expansion(),
     Scaling("width", (16, 32, 64, 128, 256), "Fig. 6a: width",
             "frozen catches up as W grows, break-even near W = 128"),
     Scaling("depth", (20, 32, 56, 110, 164, 260), "Fig. 6b: depth",
             "frozen catches up as D grows, break-even near D = 260"),
-    Kernel(), Ablation(), OffTheShelf(), ConvMixer(), Init(), Mechanism()]}
+    Kernel(), Ablation(), OffTheShelf(), ConvMixer(), Init(), Mechanism(), Length()]}
 QUICK_GROUPS = ("table1", "expansion", "mechanism")
 
 
@@ -664,14 +802,17 @@ def runs_of(group, s):
         if config[config.index("--dataset") + 1] not in s.datasets:
             continue
         text = " ".join(config)
+        # the settings' schedule, unless the config brings its own (--epochs and all images)
+        epochs = [] if "--epochs" in config else flags("--epochs", s.epochs)
+        subset = flags("--train-subset", s.train_subset) if epochs and s.train_subset else []
         for seed in s.seeds:
             # names as the bash version made them: flags without dashes, and 8 hex digits of the
             # md5 of the recipe's text (`md5sum <<<"..."` hashed a trailing newline too)
-            hashed = f"{text} --seed {seed} --epochs {s.epochs} {s.train_args}\n"
+            hashed = f"{' '.join([text, '--seed', seed, *epochs])} {' '.join(subset + [s.train_args]).strip()}\n"
             digest = hashlib.md5(hashed.encode()).hexdigest()[:8]
             name = f"{text.replace('--', '').replace(' ', '_')}_seed_{seed}-{digest}"
             checkpoint = f"{s.results}/checkpoints/{name}.pt"
-            argv = [*config, "--seed", seed, "--epochs", s.epochs, "--data-dir", s.data_dir,
+            argv = [*config, "--seed", seed, *epochs, *subset, "--data-dir", s.data_dir,
                     "--out", f"{s.results}/results.jsonl", "--checkpoint", checkpoint,
                     "--save-figures", f"{s.results}/figures/{name}", "--skip-finished", *shlex.split(s.train_args)]
             runs.append(Run(group.name, argv, checkpoint, f"{s.results}/logs/{name}.log"))
@@ -816,7 +957,8 @@ def write_report(folder):
         parts.append(f"# Runs of {s['epochs']} epoch(s) on " + (f"the first {s['train_subset']} training images"
                      if s["train_subset"] else "the full training set")
                      + f", batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}\n")
-        parts += [group.report(rs, folder) for group in GROUPS.values()]
+        parts += [group.report(rs, folder) for group in GROUPS.values() if not group.spans_settings]
+    parts += [group.report(runs, folder) for group in GROUPS.values() if group.spans_settings]
     with atomic_file(Path(folder, "REPORT.md")) as f:
         f.write("\n".join(p for p in parts if p).encode())
     print(f"wrote {folder}/REPORT.md")

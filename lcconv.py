@@ -1,7 +1,7 @@
 """
-Learning with random convolutions: the LC-Block, the models it goes into, why it trains, and
-the filter analysis of Gavrikov & Keuper, "The Power of Linear Combinations: Learning with
-Random Convolutions" (arXiv:2301.11360).
+Learning with random convolutions: the LC-Block of Gavrikov & Keuper, "The Power of Linear
+Combinations: Learning with Random Convolutions" (arXiv:2301.11360), the models it goes into,
+the paper's filter analysis, and why it trains.
 
 A k×k conv followed directly by a 1×1 conv is one k×k conv whose filters are linear
 combinations (LCs) of the first conv's filters. So the k×k filters can stay frozen at their
@@ -9,12 +9,9 @@ random initialization while the 1×1 weights learn how to combine them. With E·
 filters per layer (the LC expansion E), a frozen ResNet-LC-20-16x128 reaches 91.89% on
 CIFAR-10, above the learnable ResNet-20-16 (91.60%, the paper's Table 1).
 
-Why it trains: with SGD, a frozen LC-Block trains exactly like one plain k×k conv whose
-weight gradient is right-multiplied by the fixed matrix P = SᵀS of its random filters S
-(`PreconditionedConv2d`); for large E, P ≈ α·I, a learning rate α that grows with E.
-
-Contents, top to bottom: random filters -> LCConv2d -> its preconditioned form -> plain
-ResNet and ConvMixer -> convert (the one way in) and fold (the one way out) -> analysis.
+Contents, top to bottom: the LC-Block -> random filters -> plain ResNet and ConvMixer ->
+convert (the one way in) and fold (the one way out) -> the paper's analysis -> why it trains
+(beyond the paper: the preconditioned form, its large-E limit and the init it reduces to).
 """
 import math
 from collections import OrderedDict
@@ -24,68 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-INITS = ("kaiming_uniform", "kaiming_normal", "center")
-INTERMEDIATES = ("none", "relu", "bn", "bn_relu")
-
-# -----------------------------------------------------------------------------
-# Random filters
-
-
-def init_std(shape, init="kaiming_uniform"):
-    """The std of each entry of a random conv weight of `shape` (c_out, c_in/groups, kh, kw),
-    as a (kh, kw) tensor (float64). All inits keep PyTorch's default std on average,
-    s = 1/sqrt(3·d) with d = c_in/groups·kh·kw (paper, Appendix B). `center` scales it by
-    g/sqrt(mean(g²)), g(y, x) = exp(-((y - cy)²/σy² + (x - cx)²/σx²)/2), σ = k/4: a radial
-    Gaussian envelope, exp(r²/σ²) times more variance at the centre than at distance r (35×
-    the corners of a 3×3, 556× those of a 9×9). Our own test of the paper's open question."""
-    kh, kw = shape[-2:]
-    std = torch.full((kh, kw), 1 / math.sqrt(3 * math.prod(shape[1:])), dtype=torch.float64, device="cpu")
-    if init != "center":
-        return std
-    y = (torch.arange(kh, dtype=torch.float64, device="cpu") - (kh - 1) / 2) / (kh / 4)
-    x = (torch.arange(kw, dtype=torch.float64, device="cpu") - (kw - 1) / 2) / (kw / 4)
-    g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / 2)
-    return std * g / g.pow(2).mean().sqrt()
-
-
-@torch.no_grad()
-def init_filters_(weight, init="kaiming_uniform"):
-    """Fill a conv weight (c_out, c_in/groups, kh, kw) in place with random filters of std
-    init_std: kaiming_uniform U[-√3·s, √3·s] (PyTorch's default, the paper's), kaiming_normal
-    N(0, s²), center N(0, init_std²). Entries are i.i.d. (independent, for center)."""
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    std = init_std(weight.shape, init)
-    if init == "kaiming_uniform":
-        bound = math.sqrt(3) * std[0, 0].item()
-        return weight.uniform_(-bound, bound)
-    return weight.normal_(0, 1).mul_(std.to(weight))
-
-
-def _check_conv(in_channels, out_channels, kernel_size, groups, padding, dilation):
-    """nn.Conv2d's arguments with padding=None meaning 'same' (odd kernels) -> padding;
-    bad values raise ValueError."""
-    for name, value in [("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    kernel_size, dilation = _pair(kernel_size), _pair(dilation)
-    if min(kernel_size) < 1:
-        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
-    if in_channels % groups or out_channels % groups:
-        raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
-                         f"must both be divisible by groups ({groups})")
-    if padding is None:
-        if not all(k % 2 for k in kernel_size):
-            raise ValueError(f"padding=None ('same') needs an odd kernel_size, got {kernel_size}; "
-                             "pass padding explicitly for even kernels")
-        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
-    return padding
-
-
-def _check_expansion(expansion):
-    if not isinstance(expansion, int) or isinstance(expansion, bool) or expansion < 1:
-        raise ValueError(f"expansion must be an integer >= 1 for an LC-Block, got {expansion!r}")
-
+try:  # a progress bar for conversions that take seconds, where tqdm is installed
+    from tqdm import tqdm
+except ImportError:  # lcconv needs torch alone
+    def tqdm(iterable, **_):
+        return iterable
 
 # -----------------------------------------------------------------------------
 # The LC-Block
@@ -109,11 +49,8 @@ class LCConv2d(nn.Module):
                  dilation=1, groups=1, bias=False, expansion=1, frozen=True,
                  init="kaiming_uniform", intermediate="none"):
         super().__init__()
-        padding = _check_conv(in_channels, out_channels, kernel_size, groups, padding, dilation)
+        padding = _check_conv(in_channels, out_channels, kernel_size, padding, dilation)
         _check_expansion(expansion)
-        if intermediate not in INTERMEDIATES:
-            raise ValueError(f"intermediate must be one of {', '.join(INTERMEDIATES)}, "
-                             f"got {intermediate!r}")
         self.in_channels, self.out_channels, self.expansion = in_channels, out_channels, expansion
         maps = out_channels * expansion  # the random feature maps the 1×1 conv combines
         self.spatial = nn.Conv2d(in_channels, maps, kernel_size, stride, padding, dilation, groups, bias=False)
@@ -121,17 +58,26 @@ class LCConv2d(nn.Module):
         self.padding, self.dilation, self.groups = self.spatial.padding, self.spatial.dilation, groups
         init_filters_(self.spatial.weight, init)
         self.spatial.weight.requires_grad_(not frozen)
-        self.intermediate = {"none": nn.Identity(), "relu": nn.ReLU(inplace=True), "bn": nn.BatchNorm2d(maps),
-                             "bn_relu": nn.Sequential(nn.BatchNorm2d(maps), nn.ReLU(inplace=True))}[intermediate]
+        ops = {"none": nn.Identity(), "relu": nn.ReLU(inplace=True), "bn": nn.BatchNorm2d(maps),
+               "bn_relu": nn.Sequential(nn.BatchNorm2d(maps), nn.ReLU(inplace=True))}
+        if intermediate not in ops:
+            raise ValueError(f"intermediate must be one of {', '.join(INTERMEDIATES)}, got {intermediate!r}")
+        self.intermediate = ops[intermediate]
         self.combine = nn.Conv2d(maps, out_channels, 1, groups=groups, bias=bias)
 
-    @property
-    def frozen(self):
-        return not self.spatial.weight.requires_grad
+    def two_convs(self, x):
+        """The block as the paper draws it."""
+        x = self.spatial(x)  # (B, c_out·E, H', W'): E·c_out random feature maps
+        x = self.intermediate(x)  # Table 3: ReLU and/or BN in between (none by default)
+        return self.combine(x)  # (B, c_out, H', W'): their learned linear combinations
 
-    @property
-    def linear(self):
-        return isinstance(self.intermediate, nn.Identity)
+    def forward(self, x):
+        if not self.linear:
+            return self.two_convs(x)
+        # a 1×1 conv after a k×k conv is one k×k conv: the same function at a cost that does
+        # not grow with E
+        return F.conv2d(x, self.combined_weight, self.combine.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
 
     @property
     def combined_weight(self):
@@ -142,15 +88,13 @@ class LCConv2d(nn.Module):
         combine = self.combine.weight.reshape(g, self.out_channels // g, -1)  # C: (g, c_out/g, m)
         return torch.matmul(combine, spatial).reshape(self.out_channels, -1, *self.kernel_size)
 
-    def forward(self, x):
-        if not self.linear:  # the block as the paper draws it
-            x = self.spatial(x)  # (B, c_out·E, H', W'): E·c_out random feature maps
-            x = self.intermediate(x)  # Table 3: ReLU and/or BN in between
-            return self.combine(x)  # (B, c_out, H', W'): their learned linear combinations
-        # Linear: the same function as one k×k conv with the combined filters (a 1×1 conv
-        # after a k×k conv is a k×k conv), so its cost does not grow with E
-        return F.conv2d(x, self.combined_weight, self.combine.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+    @property
+    def frozen(self):
+        return not self.spatial.weight.requires_grad
+
+    @property
+    def linear(self):
+        return isinstance(self.intermediate, nn.Identity)
 
     @torch.no_grad()
     def to_conv2d(self):
@@ -162,26 +106,47 @@ class LCConv2d(nn.Module):
                          self.dilation, self.groups, self.combine.bias is not None, device="meta")
         return _filled(conv, self.combined_weight, self.combine.bias)
 
+    # beyond the paper, see "Why it trains" at the end
     @torch.no_grad()
     def preconditioner(self):
-        """P = SᵀS per group, (groups, d, d) with d = c_in/groups·kh·kw: the matrix that turns
-        this block's training into that of one conv (see PreconditionedConv2d)."""
+        """P = SᵀS per group, (groups, d, d) with d = c_in/groups·kh·kw."""
         spatial = self.spatial.weight.reshape(self.groups, -1, self.spatial.weight[0].numel())
         return spatial.transpose(1, 2) @ spatial
 
     @torch.no_grad()
     def to_preconditioned(self):
-        """The PreconditionedConv2d that trains exactly as this frozen, linear block: weight
-        K = combined_weight, P = preconditioner(), the 1×1 conv's bias."""
+        """The PreconditionedConv2d that trains exactly as this frozen, linear block."""
         if not (self.frozen and self.linear):
             raise RuntimeError("only a frozen LC-Block without an intermediate op has a preconditioned form")
-        conv = PreconditionedConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                                    self.padding, self.dilation, self.groups, self.combine.bias is not None,
-                                    self.expansion, device="meta")
+        conv = PreconditionedConv2d(*_conv_arguments("block", self), self.expansion, device="meta")
         return _filled(conv, self.combined_weight, self.combine.bias, self.preconditioner())
 
     def extra_repr(self):
         return f"expansion={self.expansion}, frozen={self.frozen}"
+
+
+INTERMEDIATES = ("none", "relu", "bn", "bn_relu")
+
+
+def _check_conv(in_channels, out_channels, kernel_size, padding, dilation):
+    """Checks what nn.Conv2d lets through; -> padding, None meaning 'same' (odd kernels)."""
+    for name, value in [("in_channels", in_channels), ("out_channels", out_channels)]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    kernel_size, dilation = _pair(kernel_size), _pair(dilation)
+    if min(kernel_size) < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    if padding is None:
+        if not all(k % 2 for k in kernel_size):
+            raise ValueError(f"padding=None ('same') needs an odd kernel_size, got {kernel_size}; "
+                             "pass padding explicitly for even kernels")
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
+    return padding
+
+
+def _check_expansion(expansion):
+    if not isinstance(expansion, int) or isinstance(expansion, bool) or expansion < 1:
+        raise ValueError(f"expansion must be an integer >= 1 for an LC-Block, got {expansion!r}")
 
 
 @torch.no_grad()
@@ -198,55 +163,42 @@ def _filled(conv, weight, bias, preconditioner=None):
 
 
 # -----------------------------------------------------------------------------
-# Why it trains: a frozen LC-Block is a preconditioned conv
-#
-# Per group, S (m × d) are the frozen filters (m = E·c_out/groups, d = c_in/groups·kh·kw),
-# C (c_out/groups × m) the 1×1 weights, K = C·S the combined filters. SGD on C with momentum,
-# Nesterov and weight decay λ maps linearly to K (right-multiply every update by S):
-#     K ← K − η·(∇_K L · P + λ·K),   P = SᵀS,
-# with the momentum buffer mapped the same way. So a frozen LC-Block trains exactly as one
-# k×k conv started at K₀ = C₀·S whose weight gradient is right-multiplied by the fixed P.
-# For i.i.d. filters of std s, E[P] = m·s²·I = α·I, α = E·c_out/(3·c_in·kh·kw): for m ≫ d the
-# block is a plain conv trained with learning rate α·η and weight decay λ/α.
+# Random filters: PyTorch's default (the paper's), a normal one of the same std (Appendix B),
+# and `center`, our own test of the paper's open question
 
 
-class _RightMultiplyGrad(torch.autograd.Function):
-    """Identity forward; backward right-multiplies the weight's gradient by P per group."""
-
-    @staticmethod
-    def forward(ctx, weight, preconditioner):
-        ctx.save_for_backward(preconditioner)
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        preconditioner, = ctx.saved_tensors
-        groups, d = preconditioner.shape[:2]
-        preconditioned = grad.reshape(groups, -1, d) @ preconditioner  # (g, c_out/g, d) @ (g, d, d)
-        return preconditioned.reshape(grad.shape), None
+INITS = ("kaiming_uniform", "kaiming_normal", "center")
 
 
-class PreconditionedConv2d(nn.Conv2d):
-    """An nn.Conv2d whose weight gradient is right-multiplied by the fixed buffer
-    `preconditioner`, P of shape (groups, d, d), d = c_in/groups·kh·kw; the bias (if any) is an
-    ordinary parameter. With P = SᵀS it trains exactly as the frozen LC-Block with filters S
-    (LCConv2d.to_preconditioned, convert(form="preconditioned")); its memory is d² per group instead of m·d.
-    A fresh one has P = I: a plain conv. `expansion` records the E it stands for."""
+def init_std(shape, init="kaiming_uniform"):
+    """The std of each entry of a random conv weight of `shape` (c_out, c_in/groups, kh, kw),
+    as a (kh, kw) tensor (float64). All inits keep PyTorch's default std on average,
+    s = 1/sqrt(3·d) with d = c_in/groups·kh·kw (paper, Appendix B). `center` scales it by
+    g/sqrt(mean(g²)), g(y, x) = exp(-((y - cy)²/σy² + (x - cx)²/σx²)/2), σ = k/4: a radial
+    Gaussian envelope, exp(r²/σ²) times more variance at the centre than at distance r (35×
+    the corners of a 3×3, 556× those of a 9×9)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    kh, kw = shape[-2:]
+    std = torch.full((kh, kw), 1 / math.sqrt(3 * math.prod(shape[1:])), dtype=torch.float64, device="cpu")
+    if init != "center":
+        return std
+    y = (torch.arange(kh, dtype=torch.float64, device="cpu") - (kh - 1) / 2) / (kh / 4)
+    x = (torch.arange(kw, dtype=torch.float64, device="cpu") - (kw - 1) / 2) / (kw / 4)
+    g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / 2)
+    return std * g / g.pow(2).mean().sqrt()
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, expansion=1, device=None, dtype=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         device=device, dtype=dtype)
-        self.expansion = expansion
-        d = self.weight[0].numel()
-        self.register_buffer("preconditioner", torch.eye(d, device=device, dtype=dtype).repeat(groups, 1, 1))
 
-    def forward(self, x):
-        weight = _RightMultiplyGrad.apply(self.weight, self.preconditioner)
-        return self._conv_forward(x, weight, self.bias)
-
-    def extra_repr(self):
-        return super().extra_repr() + f", expansion={self.expansion}"
+@torch.no_grad()
+def init_filters_(weight, init="kaiming_uniform"):
+    """Fill a conv weight (c_out, c_in/groups, kh, kw) in place with random filters of std
+    init_std: kaiming_uniform U[-√3·s, √3·s] (PyTorch's default, the paper's), kaiming_normal
+    N(0, s²), center N(0, init_std²). Entries are i.i.d. (independent, for center)."""
+    std = init_std(weight.shape, init)
+    if init == "kaiming_uniform":
+        bound = math.sqrt(3) * std[0, 0].item()
+        return weight.uniform_(-bound, bound)
+    return weight.normal_(0, 1).mul_(std.to(weight))
 
 
 # -----------------------------------------------------------------------------
@@ -274,10 +226,10 @@ class BasicBlock(nn.Module):
 
 def resnet(depth=20, width=16, num_classes=10, in_channels=3, kernel_size=3):
     """ResNet-{depth}-{width} with k×k convs (odd k). convert() makes it ResNet-LC-{depth}-{width}xE:
-    every spatial conv, the stem's too, an LC-Block."""
+    every spatial conv, the stem's too, an LC-Block. Every spatial conv feeds a BatchNorm."""
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, 26, ..., 260), got {depth}")
-    _check_conv(in_channels, width, kernel_size, 1, None, 1)
+    _check_conv(in_channels, width, kernel_size, None, 1)
     layers = OrderedDict(stem=nn.Conv2d(in_channels, width, kernel_size, 1, kernel_size // 2, bias=False),
                          bn=nn.BatchNorm2d(width), relu=nn.ReLU(inplace=True))
     channels = width
@@ -307,12 +259,12 @@ class Residual(nn.Sequential):
 def convmixer(dim=256, depth=8, kernel_size=9, patch_size=2, num_classes=10, in_channels=3):
     """ConvMixer-{dim}/{depth}: patch stem, then depth × [residual depthwise k×k conv, 1×1 conv].
     Convs keep PyTorch's default bias, as in the original. Its spatial convs are the
-    depthwise convs and the patch stem when patch_size > 1."""
+    depthwise convs and the patch stem when patch_size > 1; a GELU sits between each and its BN."""
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     if not isinstance(patch_size, int) or not 1 <= patch_size <= 32:
         raise ValueError(f"patch_size must be in 1..32 (the images are 32×32), got {patch_size}")
-    _check_conv(in_channels, dim, kernel_size, 1, None, 1)
+    _check_conv(in_channels, dim, kernel_size, None, 1)
     layers = [nn.Conv2d(in_channels, dim, patch_size, stride=patch_size), nn.GELU(), nn.BatchNorm2d(dim)]
     for _ in range(depth):
         layers.append(nn.Sequential(
@@ -350,7 +302,7 @@ def _replace(model, new_module):
     returns None), in place. A conv shared by several parents is replaced once and stays
     shared. Returns the model, or the replacement if the model itself is a spatial conv."""
     replaced = {}
-    for name, conv in list(spatial_layers(model)):
+    for name, conv in tqdm(list(spatial_layers(model)), "layers", leave=False, disable=None, delay=2):
         if id(conv) not in replaced:
             replaced[id(conv)] = new_module(name or type(model).__name__, conv) or conv
         if not name:
@@ -361,88 +313,26 @@ def _replace(model, new_module):
 
 
 def _conv_arguments(name, conv):
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if getattr(conv, "padding_mode", "zeros") != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"only numeric zero padding is supported; {name} has "
                          f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+    bias = conv.combine.bias if isinstance(conv, LCConv2d) else conv.bias
     return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None)
+            conv.dilation, conv.groups, bias is not None)
 
 
-def _draw_filters(groups, m, shape, init, chunk_entries):
-    """The k×k filters S that init_filters_ draws for a (groups·m, *shape) weight, drawn in
-    chunks of rows instead (the same random numbers): yields (group, first row within the
-    group, rows (n, d)), so that S is never held whole."""
-    rows, d = groups * m, math.prod(shape)
-    step = max(16, chunk_entries // d // 16 * 16)  # whole multiples of 16 entries: normal_ draws them as one draw would
-    starts = list(range(0, rows, step))
-    if len(starts) > 1 and (rows - starts[-1]) * d < 16:  # ...and so does a last chunk of at least 16
-        starts.pop()
-    for start, stop in zip(starts, starts[1:] + [rows]):
-        chunk = init_filters_(torch.empty(stop - start, *shape), init).reshape(stop - start, d)
-        for group in range(start // m, (stop - 1) // m + 1):
-            first, last = max(start, group * m), min(stop, (group + 1) * m)
-            yield group, first - group * m, chunk[first - start:last - start]
-
-
-@torch.no_grad()
-def _preconditioned_lc_block(name, conv, expansion, init, chunk_entries=2**22):
-    """The PreconditionedConv2d of the frozen LC-Block that convert would put in place of
-    conv: the same random numbers in the same order, so the same K₀ and P, but S drawn in
-    chunks, twice: for P = SᵀS, then (after C is drawn) again for K₀ = C·S."""
-    args = _conv_arguments(name, conv)
-    out_channels, groups = conv.out_channels, conv.groups
-    m, shape = out_channels * expansion // groups, conv.weight.shape[1:]
-    d = math.prod(shape)
-    for _ in _draw_filters(groups, m, shape, "kaiming_uniform", chunk_entries):
-        pass  # nn.Conv2d's own init of LCConv2d.spatial, which init_filters_ overwrites
-    filters_state = torch.get_rng_state()
-    preconditioner = torch.zeros(groups, d, d)
-    for group, _, filters in _draw_filters(groups, m, shape, init, chunk_entries):
-        preconditioner[group] += filters.T @ filters
-    # C, drawn as LCConv2d draws it
-    combine = nn.Conv2d(out_channels * expansion, out_channels, 1, groups=groups, bias=conv.bias is not None)
-    end_state = torch.get_rng_state()
-    torch.set_rng_state(filters_state)
-    c = combine.weight.reshape(groups, out_channels // groups, m)
-    weight = torch.zeros(groups, out_channels // groups, d)
-    for group, first, filters in _draw_filters(groups, m, shape, init, chunk_entries):
-        weight[group] += c[group, :, first:first + len(filters)] @ filters
-    torch.set_rng_state(end_state)
-    new = PreconditionedConv2d(*args, expansion=expansion, device="meta")
-    return _filled(new, weight.reshape(out_channels, *shape), combine.bias, preconditioner)
-
-
-@torch.no_grad()
-def _lc_limit_conv(name, conv, expansion, init):
-    """The m ≫ d limit of a frozen LC ×E in place of conv: P replaced by its expectation
-    E[P] = m·diag(init_std²) (α·I for the i.i.d. inits, α = m·s² = E·c_out/(3·c_in·kh·kw);
-    α·diag(g²/mean(g²)) per kernel position for center), weight K₀ = C₀·S drawn as its limit
-    N(0, init_std²/3) (C₀ has std 1/sqrt(3m)), bias 0 (the limit of the 1×1 conv's U(±1/√m))."""
-    args = _conv_arguments(name, conv)
-    new = PreconditionedConv2d(*args, expansion=expansion, device="meta").to_empty(device="cpu")
-    groups = new.groups
-    m = new.out_channels * expansion // groups
-    std = init_std(new.weight.shape, init).to(new.weight)
-    new.weight.normal_(0, 1).mul_(std / math.sqrt(3))
-    if new.bias is not None:
-        new.bias.zero_()
-    variance = (m * std**2).expand(new.weight.shape[1:]).reshape(-1)  # (d,)
-    new.preconditioner.copy_(torch.diag(variance).expand(groups, -1, -1))
-    return new
-
-
-FORMS = ("block", "preconditioned", "limit")
+FORMS = ("block", "preconditioned", "limit", "init")
 
 
 def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediate="none", form="block"):
     """Replace, in place, every nn.Conv2d with kernel area > 1 by a fresh random one with the
     same channels, kernel, stride, padding, dilation, groups and bias: a plain conv
     (expansion=0; frozen or learnable) or an LC-Block of that expansion. init is the
-    filters' distribution (default PyTorch's, the paper's). LC-Blocks already there stay.
-    A frozen linear LC-Block can also come in another form (expansion >= 1, frozen):
-      form="preconditioned": its exact PreconditionedConv2d, drawn from the same random
-        numbers as the block (same seed, same K₀ and P) without ever holding its m·d filters;
-      form="limit": the m ≫ d limit, P replaced by its expectation (see _lc_limit_conv).
+    filters' distribution (default PyTorch's, the paper's). The LC layers already there (LC-Blocks,
+    and the preconditioned and limit forms) stay as they are.
+    A frozen linear LC-Block can also come in a form that trains like it at a plain conv's cost
+    (expansion >= 1, frozen; see "Why it trains"): "preconditioned" (exactly, in distribution
+    for Gaussian filters), "limit" (its m ≫ d limit) or "init" (that limit under BatchNorm).
     Returns the model (the new conv, if model itself is one)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
@@ -450,19 +340,21 @@ def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediat
         _check_expansion(expansion)
     elif intermediate != "none":
         raise ValueError(f"intermediate={intermediate!r} needs an LC-Block (expansion >= 1)")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    init_std((1, 1, 1, 1), init)  # a bad init fails here, before any layer is replaced
     if form != "block" and not (expansion and frozen and intermediate == "none"):
         raise ValueError(f"form={form!r} needs a frozen LC-Block without intermediate op (expansion >= 1, frozen=True)")
+    if form == "init" and init == "center":
+        raise ValueError("form='init' needs an i.i.d. init: under init='center' the limit's P = α·diag(g²) is a "
+                         "learning rate per kernel position, not an initialisation (use form='limit')")
 
     def new_module(name, conv):
-        if isinstance(conv, LCConv2d):
+        if isinstance(conv, (LCConv2d, PreconditionedConv2d)):
             return None
         args = _conv_arguments(name, conv)
         if form == "preconditioned":
-            new = _preconditioned_lc_block(name, conv, expansion, init)
-        elif form == "limit":
-            new = _lc_limit_conv(name, conv, expansion, init)
+            new = _preconditioned_lc_block(args, expansion, init)
+        elif form in ("limit", "init"):
+            new = _lc_limit_conv(args, expansion, init, as_init=form == "init")
         elif expansion:
             new = LCConv2d(*args, expansion, frozen, init, intermediate)
         else:
@@ -489,7 +381,7 @@ def fold(model):
 
 
 # -----------------------------------------------------------------------------
-# Analysis
+# The paper's analysis
 
 
 @torch.no_grad()
@@ -536,6 +428,134 @@ def spatial_variance(model):
     return torch.cat(kernels).var(0)
 
 
+def count_parameters(model):
+    """(learnable, total) number of parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# -----------------------------------------------------------------------------
+# Why it trains (beyond the paper)
+#
+# Per group, S (m × d) are the frozen filters (m = E·c_out/groups, d = c_in/groups·kh·kw),
+# C (c_out/groups × m) the 1×1 weights, K = C·S the combined filters. SGD on C with momentum,
+# Nesterov and weight decay λ maps linearly to K (right-multiply every update by S):
+#     K ← K − η·(∇_K L · P + λ·K),   P = SᵀS,
+# with the momentum buffer mapped the same way. So a frozen LC-Block trains exactly as one
+# k×k conv started at K₀ = C₀·S whose weight gradient is right-multiplied by the fixed P.
+# Three regimes: m < d, P has rank m (the filters move in a random subspace); m ≈ d, P is an
+# anisotropic preconditioner; m ≫ d, P ≈ E[P] = m·s²·I = α·I, α = E·c_out/(3·c_in·kh·kw)
+# for i.i.d. filters of std s (the limit form). And when the conv feeds a BatchNorm, the loss
+# does not see a filter's scale, so the limit is the plain conv started at K₀/√α (the init form).
+
+
+class _RightMultiplyGrad(torch.autograd.Function):
+    """Identity forward; backward right-multiplies the weight's gradient by P per group."""
+
+    @staticmethod
+    def forward(ctx, weight, preconditioner):
+        ctx.save_for_backward(preconditioner)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        preconditioner, = ctx.saved_tensors
+        groups, d = preconditioner.shape[:2]
+        preconditioned = grad.reshape(groups, -1, d) @ preconditioner  # (g, c_out/g, d) @ (g, d, d)
+        return preconditioned.reshape(grad.shape), None
+
+
+class PreconditionedConv2d(nn.Conv2d):
+    """An nn.Conv2d whose weight gradient is right-multiplied by the fixed buffer
+    `preconditioner`, P of shape (groups, d, d), d = c_in/groups·kh·kw; the bias (if any) is an
+    ordinary parameter. With P = SᵀS it trains exactly as the frozen LC-Block with filters S
+    (LCConv2d.to_preconditioned); it holds groups·d² numbers for P instead of the block's
+    E·c_out·d filters. A fresh one has P = I: a plain conv. `expansion` records the E it stands for."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, expansion=1, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)
+        self.expansion = expansion
+        d = self.weight[0].numel()
+        self.register_buffer("preconditioner", torch.eye(d, device=device, dtype=dtype).repeat(groups, 1, 1))
+
+    def forward(self, x):
+        weight = _RightMultiplyGrad.apply(self.weight, self.preconditioner)
+        return self._conv_forward(x, weight, self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", expansion={self.expansion}"
+
+
+def alpha(conv, expansion):
+    """E[P]'s scale m·s² = E·c_out/(3·c_in·kh·kw) for a frozen LC ×E in place of conv: the
+    factor by which it multiplies the conv's learning rate when m ≫ d."""
+    return expansion * conv.out_channels / (3 * conv.in_channels * math.prod(_pair(conv.kernel_size)))
+
+
+@torch.no_grad()
+def _preconditioned_lc_block(args, expansion, init):
+    """A fresh frozen LC ×E as its PreconditionedConv2d, drawn without its m·d filters S: per
+    group, P = SᵀS and K₀ = C₀·S come from a root R with P = RᵀR.
+      m < d: R = S, drawn as LCConv2d draws it, and K₀ = C₀·S (exact for every init);
+      m ≥ d: P is Wishart W_d(m, Σ), Σ = diag(init_std²), drawn by Bartlett's decomposition,
+        R = Lᵀ·Σ^½ (L lower triangular, L_ii² ~ χ²(m − i + 1), N(0, 1) below the diagonal),
+        and K₀ as σ_C·Z·R, Z ~ N(0, 1): given P, the rows of C₀·S are N(0, σ_C²·P).
+    O(d³) per group, whatever E. For m ≥ d, P is exact in distribution for Gaussian filters
+    (kaiming_normal, center) and K₀ for Gaussian C₀ (the block's is U(±1/√m), of the same
+    σ_C). For the uniform default, P has the block's mean m·Σ and its Marchenko-Pastur
+    spectrum; finer statistics differ (uniform filters' P has a less variable diagonal)."""
+    new = PreconditionedConv2d(*args, expansion=expansion, device="meta").to_empty(device="cpu")
+    groups, shape = new.groups, new.weight.shape[1:]
+    m, d = new.out_channels * expansion // groups, math.prod(shape)
+    weight = new.weight.view(groups, -1, d)
+    bound = 1 / math.sqrt(m)  # the 1×1 conv's default init U(±1/√m), fan-in m
+    std = init_std(new.weight.shape, init).expand(shape).reshape(d)  # Σ^½'s diagonal
+    with torch.device("cpu"):  # real numbers also under a meta-device context (the sweep's plan)
+        for group in range(groups):
+            if m < d:
+                root = init_filters_(torch.empty(m, *shape), init).reshape(m, d)
+                weight[group] = torch.empty(len(weight[group]), m).uniform_(-bound, bound) @ root
+            else:
+                chi2 = torch.distributions.Chi2(torch.arange(m, m - d, -1, dtype=torch.float64)).sample()
+                lower = torch.randn(d, d).tril_(-1) + torch.diag(chi2.sqrt().float())
+                root = lower.T * std.float()  # Lᵀ·Σ^½: column j times std_j
+                weight[group] = torch.randn(len(weight[group]), d).mul_(bound / math.sqrt(3)) @ root
+            new.preconditioner[group] = root.T @ root
+    if new.bias is not None:
+        new.bias.uniform_(-bound, bound)
+    return new
+
+
+@torch.no_grad()
+def _lc_limit_conv(args, expansion, init, as_init):
+    """The m ≫ d limit of a frozen LC ×E: P replaced by E[P] = m·diag(init_std²) (α·I for the
+    i.i.d. inits; α·diag(g²/mean(g²)) per kernel position for center), weight K₀ = C₀·S drawn
+    as its limit N(0, init_std²/3) (C₀ has std 1/√(3m)), bias 0 (the limit of the 1×1 conv's
+    U(±1/√m)): a PreconditionedConv2d.
+    as_init: the plain learnable nn.Conv2d whose weight is that K₀/√α, from the same random
+    numbers: i.i.d. with std 1/√(3m). Where the conv feeds a BatchNorm (the loss is the same
+    for K and c·K) the two train identically, K_limit = √α·K_init at every SGD step (weight
+    decay and momentum included): the limit of frozen LC ×E is a smaller init of the plain
+    network, trained with the plain recipe. Only for i.i.d. inits: for center, E[P] is a
+    learning rate per kernel position, which no init reproduces."""
+    # float64, so that a float64 model gets K_init = K₀/√α to the last bit
+    limit = PreconditionedConv2d(*args, expansion=expansion, device="meta", dtype=torch.float64).to_empty(device="cpu")
+    groups = limit.groups
+    m = limit.out_channels * expansion // groups
+    std = init_std(limit.weight.shape, init)
+    limit.weight.normal_(0, 1).mul_(std / math.sqrt(3))
+    if limit.bias is not None:
+        limit.bias.zero_()
+    if as_init:
+        plain = nn.Conv2d(*args, device="meta")
+        return _filled(plain, limit.weight / math.sqrt(m * std[0, 0].item() ** 2), limit.bias)
+    variance = (m * std**2).expand(limit.weight.shape[1:]).reshape(-1)  # (d,)
+    limit.preconditioner.copy_(torch.diag(variance).expand(groups, -1, -1))
+    return limit
+
+
 @torch.no_grad()
 def basis_summary(model):
     """How rank-complete and well-conditioned each layer's random basis is: for every frozen
@@ -566,14 +586,7 @@ def basis_summary(model):
         q = min(m, d) / max(m, d)
         summary.append(dict(
             name=name, m=m, d=d, rank=nonzero.double().mean().item(),
-            alpha=eigenvalues.mean().item(),
-            alpha_iid=layer.out_channels * layer.expansion / (3 * layer.in_channels * math.prod(layer.kernel_size)),
+            alpha=eigenvalues.mean().item(), alpha_iid=alpha(layer, layer.expansion),
             spread=(eigenvalues[:, -1] / smallest).mean().item(),
             spread_mp=((1 + q**0.5) / (1 - q**0.5)) ** 2 if q < 1 else math.inf))
     return summary
-
-
-def count_parameters(model):
-    """(learnable, total) number of parameters."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -419,37 +419,51 @@ def test_frozen_block_and_preconditioned_conv_train_identically(shape, lr):
         assert_close(conv.bias, block.combine.bias, atol=1e-12, rtol=1e-10)
 
 
+# (in, out, kernel, groups): a dense and a depthwise conv
+DRAWN = {"dense": (16, 32, 3, 1), "depthwise": (8, 8, 3, 8)}
+
+
 @pytest.mark.parametrize("init", lcconv.INITS)
-@pytest.mark.parametrize("shape", BLOCKS)
-def test_filters_drawn_in_chunks_give_the_same_k0_and_p_as_the_block(shape, init):
-    """convert(form="preconditioned") never holds S whole: it draws the block's random numbers
-    in chunks of rows. Same seed, same K₀, P and bias as LCConv2d, and the same random state after."""
-    in_channels, out_channels, k, stride, padding, dilation, groups, bias, expansion = BLOCKS[shape]
-    conv = nn.Conv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias)
+@pytest.mark.parametrize("expansion", [1, 64])
+@pytest.mark.parametrize("shape", DRAWN)
+def test_preconditioned_form_is_drawn_from_the_blocks_distribution(shape, expansion, init):
+    """convert(form="preconditioned") draws P and K₀ without the filters S (m < d: S itself;
+    m ≥ d: Bartlett). Over 8 draws: P's mean is the block's m·diag(init_std²), its spectrum
+    spreads as Marchenko-Pastur says, and K₀ has the block's variance init_std²/3."""
+    in_channels, out_channels, k, groups = DRAWN[shape]
+    conv = nn.Conv2d(in_channels, out_channels, k, padding=1, groups=groups, bias=False)
+    m, d = out_channels * expansion // groups, in_channels // groups * k * k
     torch.manual_seed(0)
-    block = LCConv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias, expansion, init=init)
-    after_block = torch.rand(3)
-    torch.manual_seed(0)
-    chunked = lcconv._preconditioned_lc_block("conv", conv, expansion, init, chunk_entries=48)
-    assert torch.equal(torch.rand(3), after_block)
-    exact = block.to_preconditioned()
-    assert_close(chunked.weight, exact.weight, atol=1e-6)
-    assert_close(chunked.preconditioner, exact.preconditioner, atol=1e-6)
-    if bias:
-        assert torch.equal(chunked.bias, exact.bias)
+    drawn = [lcconv.convert(conv, expansion, frozen=True, init=init, form="preconditioned") for _ in range(64)]
+    assert all(isinstance(c, PreconditionedConv2d) and c.preconditioner.shape == (groups, d, d) for c in drawn)
+    variance = (lcconv.init_std(conv.weight.shape, init) ** 2).expand(conv.weight.shape[1:]).reshape(-1)
+    mean = torch.cat([c.preconditioner for c in drawn]).double().mean(0)
+    assert_close(mean.diagonal(), m * variance, atol=0, rtol=0.2)
+    assert (mean - mean.diagonal().diag()).abs().mean() < 0.1 * mean.diagonal().mean()
+    k0 = torch.cat([c.weight.reshape(-1, d) for c in drawn]).double()
+    assert_close(k0.pow(2).mean(0), variance / 3, atol=0, rtol=0.3)
+    [summary] = lcconv.basis_summary(drawn[0])
+    assert summary["rank"] == pytest.approx(min(m, d) / d)
+    if init != "center" and min(m, d) >= 8:  # i.i.d. filters, not too few: Marchenko-Pastur
+        assert summary["spread"] == pytest.approx(summary["spread_mp"], rel=0.35)
 
 
-@pytest.mark.parametrize("build", [lambda form: lc_resnet(expansion=8, frozen=True, form=form),
-                                   lambda form: lc_convmixer(expansion=4, frozen=True, form=form, patch_size=2)])
-def test_a_model_converted_to_the_preconditioned_form_starts_with_the_same_outputs(build):
+@pytest.mark.parametrize("form", ["preconditioned", "limit"])
+def test_converting_again_keeps_every_lc_layer_as_it_is(form):
+    """convert replaces plain convs only: LC-Blocks and the preconditioned and limit forms
+    already in a model keep their trained weights and P, whatever the second convert asks for."""
     torch.manual_seed(0)
-    blocks = build("block").eval()
-    torch.manual_seed(0)
-    preconditioned = build("preconditioned").eval()
-    x = torch.randn(2, 3, 16, 16)
-    assert_close(preconditioned(x), blocks(x))
-    parameters = sum(m.numel() for n, m in preconditioned.named_buffers() if n.endswith("preconditioner"))
-    assert parameters == sum(m.groups * m.weight[0].numel() ** 2 for _, m in lcconv.spatial_layers(preconditioned))
+    model = lc_resnet(expansion=4, frozen=True, form=form)
+    model.layer1[0].conv1 = LCConv2d(4, 4, 3, expansion=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)  # as if trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = dict(lcconv.spatial_layers(model))
+    for again in [dict(expansion=0), dict(expansion=8, frozen=True, form="preconditioned"), dict(expansion=2)]:
+        assert lcconv.convert(model, **again) is model
+        assert dict(lcconv.spatial_layers(model)) == layers
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_preconditioner_mean_eigenvalue_is_alpha_and_spectrum_marchenko_pastur():
@@ -483,6 +497,70 @@ def test_limit_form_is_the_expected_preconditioner(init):
     assert weights.std().item() == pytest.approx(1 / math.sqrt(3), rel=0.02)  # K₀ = C₀·S has std s/√3
 
 
+def train_side_by_side(nets, steps, in_channels=3, lr=0.05):
+    """train.py's optimizer and step (SGD, Nesterov momentum, weight decay, label smoothing),
+    float64, the same batches for every net."""
+    import train
+    optimizers = [train.make_optimizer(net, lr, momentum=0.9, weight_decay=0.01) for net in nets]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(8, in_channels, 16, 16, dtype=torch.float64, generator=generator)
+        y = torch.randint(0, 10, (8,), generator=generator)
+        for net, optimizer in zip(nets, optimizers):
+            train.train_step(net, optimizer, x, y, 0.1)
+
+
+def limit_and_init_pair(build, expansion, init):
+    """The limit form and the init form of one plain model, from one seed, float64, BN eps 1e-30."""
+    pair = []
+    for form in ("limit", "init"):
+        torch.manual_seed(0)
+        net = lcconv.convert(build().double(), expansion, frozen=True, init=init, form=form)
+        for bn in net.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.eps = 1e-30  # BN's scale invariance is exact only as eps -> 0
+        pair.append(net)
+    return pair
+
+
+def scaled_difference(limit, plain, expansion):
+    """max over layers of |K_limit/√α - K_init| / |K_init|."""
+    return max(((a.weight / math.sqrt(lcconv.alpha(a, expansion)) - b.weight).norm() / b.weight.norm()).item()
+               for (_, a), (_, b) in zip(lcconv.spatial_layers(limit), lcconv.spatial_layers(plain)))
+
+
+@pytest.mark.parametrize("init", ["kaiming_uniform", "kaiming_normal"])
+@pytest.mark.parametrize("expansion", [16, 2048])
+def test_under_batchnorm_the_limit_is_the_plain_net_from_a_smaller_init(expansion, init):
+    """The identity: where every spatial conv feeds a BatchNorm (our ResNet), the limit of frozen
+    LC xE (P = α·I) and the plain net started at K₀/√α, std 1/√(3m), trained with the same
+    recipe, keep K_limit = √α·K_init at every step, and compute the same function (with batch
+    statistics: BN's running variance starts at 1 in both, which eval mode sees for a while)."""
+    limit, plain = limit_and_init_pair(lambda: lcconv.resnet(8, 4), expansion, init)
+    assert all(type(m) is nn.Conv2d and m.weight.requires_grad for _, m in lcconv.spatial_layers(plain))
+    m = 4 * expansion  # the stem: 4 output channels
+    assert plain.stem.weight.std().item() == pytest.approx(1 / math.sqrt(3 * m), rel=0.3)
+    start = plain.stem.weight.clone()
+    assert scaled_difference(limit, plain, expansion) < 1e-12
+    train_side_by_side([limit, plain], steps=30)
+    difference = scaled_difference(limit, plain, expansion)
+    assert difference < 1e-10, f"relative difference {difference:.3g}"
+    assert (plain.stem.weight - start).norm() > 0.1 * start.norm()  # and they did train
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(limit(x), plain(x), atol=1e-9, rtol=1e-9)
+
+
+def test_the_identity_breaks_where_a_conv_does_not_feed_a_batchnorm():
+    """ConvMixer: a conv bias and a GELU sit between each depthwise conv and its BN, so the loss
+    sees the filters' scale, and the limit and the init form part at once."""
+    limit, plain = limit_and_init_pair(lambda: lcconv.convmixer(dim=8, depth=2, kernel_size=5), 64, "kaiming_uniform")
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    assert (limit.eval()(x) - plain.eval()(x)).abs().max() > 1e-3
+    train_side_by_side([limit.train(), plain.train()], steps=30)
+    assert scaled_difference(limit, plain, 64) > 1e-2
+
+
 # -----------------------------------------------------------------------------
 # Bad arguments say what is allowed
 
@@ -496,7 +574,7 @@ def test_limit_form_is_the_expected_preconditioner(init):
     (lambda: LCConv2d(4, 4, 4), "odd kernel_size"),
     (lambda: lcconv.convmixer(kernel_size=6), "odd kernel_size"),
     (lambda: LCConv2d(6, 4, 3, groups=4), "divisible by groups"),
-    (lambda: LCConv2d(4, 4, 3, groups=0), "groups must be an integer >= 1"),
+    (lambda: LCConv2d(4, 4, 3, groups=0), "groups must be a positive integer"),
     (lambda: LCConv2d(0, 4, 3), "in_channels must be an integer >= 1"),
     (lambda: LCConv2d(4, 0, 3), "out_channels must be an integer >= 1"),
     (lambda: lcconv.resnet(width=0), "out_channels must be an integer >= 1"),
@@ -510,6 +588,8 @@ def test_limit_form_is_the_expected_preconditioner(init):
     (lambda: lc_resnet(expansion=2, form="limit"), "needs a frozen LC-Block"),
     (lambda: lc_resnet(expansion=2, frozen=True, intermediate="relu", form="preconditioned"), "needs a frozen"),
     (lambda: lc_resnet(expansion=2, frozen=True, form="folded"), "form must be one of"),
+    (lambda: lc_resnet(expansion=2, frozen=True, init="center", form="init"), "form='init' needs an i.i.d. init"),
+    (lambda: lc_resnet(expansion=2, form="init"), "needs a frozen LC-Block"),
     (lambda: lcconv.resnet(depth=21), r"depth must be 6n\+2"),
     (lambda: lcconv.resnet(depth=2), r"depth must be 6n\+2"),
     (lambda: lcconv.convert(nn.Sequential(nn.Conv2d(3, 3, 3, padding="same"))), "numeric zero padding"),
@@ -594,24 +674,35 @@ def test_end_to_end_run_writes_one_complete_result(tiny_data, tmp_path):
     assert len(results(tmp_path)) == 1
 
 
-def test_preconditioned_run_equals_the_frozen_lc_run_and_reports_both_parameter_counts(tiny_data, tmp_path):
-    """The exactness check on a whole model: a few float32 epochs of a frozen LC x16 ResNet and
-    of its preconditioned form end at (nearly) the same accuracy and filters."""
+def test_frozen_lc_runs_in_every_form_and_reports_its_parameter_counts(tiny_data, tmp_path):
+    """A frozen LC x16 ResNet, folded and preconditioned (drawn apart, so like another seed), its
+    limit and the init form: each learns, and the plain-cost forms count the block they stand for."""
     lc = tiny_args(tiny_data, tmp_path, "--expansion", "16", "--frozen", "--lr", "0.1", "--epochs", "3")
     train.main(lc)
     train.main(lc + ["--preconditioned"])
-    train.main(tiny_args(tiny_data, tmp_path, "--lc-limit", "16", "--lr", "0.1", "--epochs", "3"))
-    folded, preconditioned, limit = results(tmp_path)
-    assert preconditioned["preconditioned"] and limit["lc_limit"] == 16 and limit["expansion"] == 0
-    assert abs(folded["test_acc"] - preconditioned["test_acc"]) <= 2  # float32 rounding only
-    assert folded["fve_last"] == pytest.approx(preconditioned["fve_last"], rel=1e-3)
+    for form in ("--lc-limit", "--lc-init"):
+        train.main(tiny_args(tiny_data, tmp_path, form, "16", "--lr", "0.1", "--epochs", "3"))
+    folded, preconditioned, limit, init = results(tmp_path)
+    assert preconditioned["preconditioned"] and limit["lc_limit"] == init["lc_init"] == 16
+    assert limit["expansion"] == init["expansion"] == 0 and limit["lc_init"] is None and init["lc_limit"] is None
     assert (preconditioned["lc_params_learnable"], preconditioned["lc_params_total"]) == (
         folded["params_learnable"], folded["params_total"])
     plain = resnet_parameters(8, 4, 3, 0, in_channels=1)
-    assert preconditioned["params_learnable"] == limit["params_learnable"] == plain[1]
-    assert folded["test_acc"] > 20  # it learned something (chance: 10%)
+    assert preconditioned["params_learnable"] == limit["params_learnable"] == init["params_learnable"] == plain[1]
+    assert max(r["train_loss"] for r in (folded, preconditioned, limit, init)) < 2.1  # they learned (chance: 2.3)
     assert [b["rank"] for b in limit["basis"]] == [1.0] * 7 and limit["basis"][0]["alpha"] == pytest.approx(
         16 * 4 / (3 * 1 * 9), rel=1e-3)
+    assert init["basis"] is None  # plain learnable convs
+
+
+@pytest.mark.parametrize("flags, warned", [(["--lc-limit", "1000000000"], True), (["--lc-init", "2000000"], True),
+                                           (["--expansion", "2000000", "--frozen", "--preconditioned"], True),
+                                           (["--lc-limit", "32768"], False), (["--expansion", "2000000"], False)])
+def test_a_learning_rate_factor_past_any_sweep_is_warned(flags, warned, capsys):
+    with torch.device("meta"):
+        train.build_net(train.parse_args(["--dataset", "fashionmnist", "--depth", "8", *flags]))
+    err = capsys.readouterr().err
+    assert ("warning: frozen LC x" in err) == warned and err.count("\n") == warned
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
@@ -728,6 +819,8 @@ class Planted:
     (["--seed", str(2**64)], "--seed must be in 0..4294967295"),
     (["--preconditioned", "--expansion", "4"], "--preconditioned needs --frozen"),
     (["--lc-limit", "8", "--frozen"], "--lc-limit"), (["--lc-limit", "0"], "--lc-limit"),
+    (["--lc-init", "8", "--expansion", "8"], "--lc-init"), (["--lc-init", "8", "--lc-limit", "8"], "--lc-init"),
+    (["--lc-init", "0"], "--lc-init"), (["--lc-init", "8", "--init", "center"], "form='init' needs an i.i.d. init"),
     (["--out", "/dev/full"], "--out /dev/full: is not a regular file"),
     (["--out", "FILE/results.jsonl"], "--out .*FILE is not a directory"),
     (["--save-figures", "FILE/figures"], "--save-figures .*FILE is not a directory"),
@@ -806,7 +899,7 @@ def test_lines_that_are_not_json_objects_are_skipped(tmp_path):
 
 def test_old_result_lines_match_with_the_new_flags_at_their_defaults():
     config = train.recipe(train.parse_args([]))
-    old = {k: v for k, v in config.items() if k not in ("preconditioned", "lc_limit")}
+    old = {k: v for k, v in config.items() if k not in ("preconditioned", "lc_limit", "lc_init")}
     assert train.has_result([old], config)
     assert not train.has_result([dict(old, preconditioned=True)], config)
 
@@ -879,7 +972,7 @@ import importlib.machinery  # noqa: E402
 import importlib.util  # noqa: E402
 
 GROUPS = ["table1", "expansion", "width", "depth", "kernel", "ablation", "offtheshelf", "convmixer", "init",
-          "mechanism"]
+          "mechanism", "length"]
 HERE = Path(__file__).parent
 # a clean environment: the caller's SEEDS, EPOCHS, QUICK, PYTHON, ... must not reach the sweep
 CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
@@ -916,7 +1009,8 @@ def test_list_prints_valid_train_commands_for_every_group(sweep, capsys, group, 
         program, script, *argv = command.split()
         assert (program, script) == ("python", "train.py")
         args = train.parse_args(argv)  # exits on any flag train.py would reject
-        assert args.skip_finished and args.checkpoint and args.seed in (0, 1, 2, 3) and args.epochs == 75
+        assert args.skip_finished and args.checkpoint and args.seed in (0, 1, 2, 3)
+        assert args.epochs == 75 or (group == "length" and args.epochs in (5, 15))  # its shorter schedules
         configs.add(json.dumps(train.recipe(args), sort_keys=True))
     assert len(configs) == len(commands)  # no run listed twice
 
@@ -1018,10 +1112,13 @@ def test_report_has_every_table_and_figure(sweep, capsys, tmp_path):
     for heading in ["Table 1", "Fig. 4 and 5", "Fig. 6a", "Fig. 6b", "Fig. 7-9", "Table 3", "Fig. 1",
                     "ConvMixer-256/8 on cifar10, kernel size", "centre-weighted init for ResNet-LC-20-16",
                     "centre-weighted init for ConvMixer-256/8", "Why it works: frozen LC xE vs its large-E limit",
-                    "k = 9: frozen LC vs its limit"]:
+                    "k = 9: frozen LC vs its limit", "Why it works, over time", "Matched m/d across k"]:
         assert heading in report, heading
     assert "91.89 ± 0.10" in report and "94.72 ± 0.16" in report  # Tables 1 and 3 of the paper
     assert "(2)" in report and "(4)" not in report  # one result per (config, seed)
     assert "[filters](figures/" in report and "centre/ring 2.00" in report
     assert "Ours, counting means within the seeds' spread" in report
     assert "the limit tracks frozen LC (folded, or preconditioned where only that ran) at E =" in report
+    assert "the gain holds with length" in report or "the gain shrinks with length" in report \
+        or "the gain grows with length" in report
+    assert "at matched m/d the gap (learnable − frozen) is" in report

@@ -11,6 +11,7 @@ runs in bf16 autocast and channels_last.
     python train.py --dataset cifar10 --expansion 128 --frozen     # ResNet-LC-20-16x128, frozen
     python train.py --expansion 128 --frozen --preconditioned       # the same run as one conv per layer
     python train.py --lc-limit 128                                  # its large-E limit: a plain ResNet
+    python train.py --lc-init 128                                   # the same under BatchNorm: a smaller init
     python train.py --benchmark                                     # step time and memory vs E
 """
 import argparse
@@ -60,6 +61,7 @@ ARCH_FLAGS = {"resnet": ("depth", "width", "kernel_size"),
 # flags that do not change what a run computes: left out when results and checkpoints are matched
 NOT_RECIPE = ("data_dir", "out", "checkpoint", "save_figures", "device", "compile", "skip_finished", "benchmark")
 MAX_SEED = 2**32 - 1
+MAX_ALPHA = 1e6  # frozen LC's learning-rate factor past which a run is warned (the sweep's largest: 2e4)
 
 
 class Parser(argparse.ArgumentParser):
@@ -86,6 +88,8 @@ _add("--preconditioned", action="store_true",
      help="train the frozen LC-Blocks as their exactly equivalent preconditioned convs (fast at any E)")
 _add("--lc-limit", type=int, metavar="E",
      help="a plain model whose spatial convs train as the large-E limit of frozen LC xE (P = E[P])")
+_add("--lc-init", type=int, metavar="E",
+     help="the plain model started at that limit's filters / sqrt(alpha): the same training under BatchNorm")
 _add("--epochs", type=int, default=75, help="training epochs (paper: 75)")
 _add("--batch-size", type=int, default=256, help="batch size (paper: 256)")
 _add("--lr", type=float, default=0.01, help="peak learning rate, cosine-annealed per step (paper: 0.01)")
@@ -137,6 +141,10 @@ def parse_args(argv=None):
         (args.lc_limit is None or args.lc_limit >= 1, f"--lc-limit must be >= 1, got {args.lc_limit}"),
         (args.lc_limit is None or (args.expansion == 0 and not args.frozen and not args.preconditioned),
          "--lc-limit is a plain learnable model: it takes no --expansion, --frozen or --preconditioned"),
+        (args.lc_init is None or args.lc_init >= 1, f"--lc-init must be >= 1, got {args.lc_init}"),
+        (args.lc_init is None or (args.expansion == 0 and not args.frozen and not args.preconditioned
+                                  and args.lc_limit is None),
+         "--lc-init is a plain learnable model: it takes no --expansion, --frozen, --preconditioned or --lc-limit"),
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (0 < args.lr < math.inf, f"--lr must be > 0, got {args.lr}"),
@@ -323,7 +331,8 @@ class Normalize(nn.Module):
 
 def build_net(args):
     """The plain network of args for its dataset, then its spatial convs made frozen and/or
-    LC-Blocks (or their preconditioned form, or its large-E limit) by lcconv.convert."""
+    LC-Blocks (or their preconditioned form, its large-E limit, or the init that limit is
+    under BatchNorm) by lcconv.convert."""
     channels, classes = DATASETS[args.dataset]["channels"], DATASETS[args.dataset]["classes"]
     if args.model in ARCH_FLAGS:
         arch = {flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]}
@@ -335,8 +344,14 @@ def build_net(args):
             net.features[0][0] = nn.Conv2d(channels, 32, 3, 1, 1, bias=False)
         else:
             net.conv1, net.maxpool = nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.Identity()
-    if args.lc_limit:
-        return lcconv.convert(net, args.lc_limit, True, args.init, form="limit")
+    e = args.lc_limit or args.lc_init or args.expansion * args.frozen
+    alpha = max((lcconv.alpha(conv, e) for _, conv in lcconv.spatial_layers(net)), default=0)
+    if alpha > MAX_ALPHA:
+        print(f"train.py: warning: frozen LC x{e} multiplies a spatial layer's learning rate by up to alpha = "
+              f"{alpha:.3g} (lcconv.alpha); expect the loss to diverge, or BatchNorm's eps to dominate", file=sys.stderr)
+    if args.lc_limit or args.lc_init:
+        form = "limit" if args.lc_limit else "init"
+        return lcconv.convert(net, args.lc_limit or args.lc_init, True, args.init, form=form)
     form = "preconditioned" if args.preconditioned else "block"
     return lcconv.convert(net, args.expansion, args.frozen, args.init, args.intermediate, form)
 
@@ -673,7 +688,7 @@ def bench_setup(path, expansion, batch_size, device):
     if path == "two convs":  # the paper's block as drawn, instead of the folded one
         for block in model.modules():
             if isinstance(block, lcconv.LCConv2d):
-                block.forward = lambda x, block=block: block.combine(block.spatial(x))
+                block.forward = block.two_convs
     model = to_device(model, device)
     optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=0.01)
     x = to_input(torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
