@@ -713,15 +713,16 @@ class Planted:
     (["--kernel-size", "0"], "--kernel-size"),
     (["--kernel-size", "4"], "--kernel-size"),
     (["--epochs", "0"], "--epochs"),
-    (["--depth", "21"], r"--depth must be 6n\+2"),
+    (["--depth", "21"], r"--model resnet: depth must be 6n\+2"),
     (["--model", "resnet18", "--width", "4"], "--width does not apply to --model resnet18"),
     (["--model", "convmixer", "--width", "4"], "--width does not apply to --model convmixer"),
     (["--intermediate", "relu"], "needs an LC-Block"),
     (["--lr", "-1"], "--lr"), (["--momentum", "-1"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"),
     (["--label-smoothing", "2"], "--label-smoothing"), (["--width", "0"], "--width"),
-    (["--model", "convmixer", "--depth", "-3"], "--depth"), (["--model", "convmixer", "--dim", "0"], "--dim"),
-    (["--model", "convmixer", "--patch-size", "64"], "--patch-size"),
-    (["--model", "convmixer", "--patch-size", "0"], "--patch-size"),
+    (["--model", "convmixer", "--depth", "-3"], "convmixer: depth must be >= 1"),
+    (["--model", "convmixer", "--dim", "0"], "--dim"),
+    (["--model", "convmixer", "--patch-size", "64"], "patch_size must be in 1..32"),
+    (["--model", "convmixer", "--patch-size", "0"], "patch_size must be in 1..32"),
     (["--device", "foo"], "--device"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--fgsm-eps", "-1"], "--fgsm-eps"), (["--fgsm-eps", "1e9"], "--fgsm-eps"),
     (["--train-subset", "60001"], "--train-subset must be in 1..60000"),
@@ -773,6 +774,20 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).parent)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert "--epochs" in run.stderr and not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize("extra", [["--depth", "21"], ["--model", "convmixer", "--depth", "0"],
+                                   ["--model", "convmixer", "--patch-size", "33"]])
+def test_lcconvs_own_checks_stop_a_run_before_anything_is_written(tmp_path, capsys, extra):
+    """The model sizes train.py leaves to lcconv: still refused by parse_args (experiments.sh
+    validates its runs with it), before a lock, a checkpoint or a result is written."""
+    argv = [*extra, "--out", str(tmp_path / "out" / "r.jsonl"), "--checkpoint", str(tmp_path / "run.pt"),
+            "--skip-finished"]
+    with pytest.raises(SystemExit) as exit:
+        train.main(argv)
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and error.count("\n") == 1 and "Traceback" not in error, error
+    assert list(tmp_path.iterdir()) == []
 
 
 # -----------------------------------------------------------------------------

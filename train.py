@@ -120,17 +120,13 @@ def parse_args(argv=None):
             if getattr(args, flag) is None:
                 setattr(args, flag, inspect.signature(builder).parameters[flag].default)
     data = DATASETS[args.dataset]
+    # the rest of the model's sizes (depth, patch size) lcconv checks when the model is built below
     checks = [
         (args.expansion >= 0, "--expansion must be >= 0 (0 = no LC-Block)"),
         (args.kernel_size is None or (args.kernel_size >= 1 and args.kernel_size % 2),
          f"--kernel-size must be odd and >= 1, got {args.kernel_size}"),
-        (args.model != "resnet" or (args.depth >= 8 and (args.depth - 2) % 6 == 0),
-         f"--depth must be 6n+2 (8, 14, 20, ..., 260) for the ResNet, got {args.depth}"),
-        (args.model != "convmixer" or args.depth >= 1, f"--depth must be >= 1, got {args.depth}"),
         (args.width is None or args.width >= 1, f"--width must be >= 1, got {args.width}"),
         (args.dim is None or args.dim >= 1, f"--dim must be >= 1, got {args.dim}"),
-        (args.patch_size is None or 1 <= args.patch_size <= 32,
-         f"--patch-size must be in 1..32 (the images are 32x32), got {args.patch_size}"),
         (args.intermediate == "none" or args.expansion >= 1, "--intermediate needs an LC-Block (--expansion >= 1)"),
         (not args.preconditioned or (args.frozen and args.expansion >= 1 and args.intermediate == "none"),
          "--preconditioned needs --frozen, --expansion >= 1 and no --intermediate"),
@@ -153,6 +149,12 @@ def parse_args(argv=None):
     for ok, message in checks:
         if not ok:
             error(message)
+    if args.model in ARCH_FLAGS:  # built on the meta device: lcconv's checks, no memory, no random numbers
+        try:
+            with torch.device("meta"):
+                builder(**{flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]})
+        except ValueError as e:
+            error(f"--model {args.model}: {e}")
     device_error = check_device(args.device)
     if device_error:
         error(device_error)
