@@ -776,6 +776,37 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert "--epochs" in run.stderr and not (tmp_path / "r.jsonl").exists()
 
 
+@pytest.mark.parametrize("extra, refused", [
+    (["--kernel-size", "1", "--expansion", "8", "--frozen", "--preconditioned"],
+     "--expansion, --frozen, --preconditioned"),
+    (["--kernel-size", "1", "--lc-limit", "8"], "--lc-limit"),
+    (["--kernel-size", "1", "--init", "center", "--save-figures", "figures"], "--init, --save-figures"),
+    (["--model", "convmixer", "--patch-size", "1", "--kernel-size", "1", "--intermediate", "relu", "--expansion", "2"],
+     "--expansion, --intermediate"),
+    (["--model", "convmixer", "--patch-size", "2", "--kernel-size", "1", "--expansion", "2", "--frozen"], None),
+    (["--kernel-size", "1"], None),
+])
+def test_lc_flags_on_a_model_without_spatial_conv_are_one_line_before_any_work(capsys, extra, refused):
+    """Every conv 1×1: the LC flags would do nothing, so they are refused up front (a 2×2
+    patch stem is a spatial conv, so that ConvMixer takes them)."""
+    if refused is None:
+        train.parse_args(extra)
+        return
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(extra)
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and error.count("\n") == 1, error
+    assert "has no spatial conv" in error and f"nothing for {refused} to act on" in error, error
+
+
+def test_a_plain_run_without_spatial_conv_records_empty_filter_metrics(tiny_data, tmp_path):
+    train.main(tiny_args(tiny_data, tmp_path, "--kernel-size", "1", "--epochs", "1"))
+    [result] = results(tmp_path)
+    assert result["test_acc"] is not None and result["kernel_size"] == 1
+    for key in ("fve_first", "fve_last", "fve_first_raw", "fve_last_raw", "spatial_variance", "basis"):
+        assert result[key] is None, key
+
+
 @pytest.mark.parametrize("extra", [["--depth", "21"], ["--model", "convmixer", "--depth", "0"],
                                    ["--model", "convmixer", "--patch-size", "33"]])
 def test_lcconvs_own_checks_stop_a_run_before_anything_is_written(tmp_path, capsys, extra):

@@ -59,6 +59,8 @@ ARCH_FLAGS = {"resnet": ("depth", "width", "kernel_size"),
               "convmixer": ("dim", "depth", "kernel_size", "patch_size")}
 # flags that do not change what a run computes: left out when results and checkpoints are matched
 NOT_RECIPE = ("data_dir", "out", "checkpoint", "save_figures", "device", "compile", "skip_finished", "benchmark")
+# flags that act on the spatial (k×k, k > 1) convs: refused, when set, for a model that has none
+SPATIAL_FLAGS = ("expansion", "frozen", "preconditioned", "lc_limit", "init", "intermediate", "save_figures")
 MAX_SEED = 2**32 - 1
 
 
@@ -152,9 +154,14 @@ def parse_args(argv=None):
     if args.model in ARCH_FLAGS:  # built on the meta device: lcconv's checks, no memory, no random numbers
         try:
             with torch.device("meta"):
-                builder(**{flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]})
+                plain = builder(**{flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]})
         except ValueError as e:
             error(f"--model {args.model}: {e}")
+        given = [flag for flag in SPATIAL_FLAGS if getattr(args, flag) != PARSER.get_default(flag)]
+        if given and not list(lcconv.spatial_layers(plain)):
+            given = [f"--{flag.replace('_', '-')}" for flag in given]
+            error(f"this {args.model} has no spatial conv (with these sizes all its convs are 1x1): "
+                  f"nothing for {', '.join(given)} to act on")
     device_error = check_device(args.device)
     if device_error:
         error(device_error)
@@ -445,6 +452,8 @@ def filter_metrics(net):
     """FVE of the first and last spatial layer (Fig. 5), the spatial variance (Fig. 8b) and
     the random basis of frozen LC layers (lcconv.basis_summary)."""
     filters = list(lcconv.combined_filters(net).values())
+    if not filters:  # every conv 1×1 (--kernel-size 1): nothing to measure
+        return dict.fromkeys(("fve_first", "fve_last", "fve_first_raw", "fve_last_raw", "spatial_variance", "basis"))
     (first_raw, first), (last_raw, last) = map(lcconv.filter_variance_entropy, (filters[0], filters[-1]))
     variance = lcconv.spatial_variance(net)
     basis = [{k: round(v, 4) if isinstance(v, float) else v for k, v in layer.items()}
