@@ -628,7 +628,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_pa
         return train_epoch(model, optimizer, scheduler, data, args, epoch)
 
     monkeypatch.setattr(train, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="resume from --checkpoint"):
         train.main(argv + ["--checkpoint", checkpoint])
     assert not results(tmp_path) and torch.load(checkpoint, weights_only=True)["epoch"] == 2
     monkeypatch.setattr(train, "train_epoch", train_epoch)
@@ -805,6 +805,19 @@ def test_a_plain_run_without_spatial_conv_records_empty_filter_metrics(tiny_data
     assert result["test_acc"] is not None and result["kernel_size"] == 1
     for key in ("fve_first", "fve_last", "fve_first_raw", "fve_last_raw", "spatial_variance", "basis"):
         assert result[key] is None, key
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_an_interrupted_run_says_to_resume_only_with_a_checkpoint(tmp_path, monkeypatch, checkpoint):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "run", interrupted)
+    argv = ["--out", str(tmp_path / "r.jsonl")] + (["--checkpoint", str(tmp_path / "run.pt")] if checkpoint else [])
+    with pytest.raises(SystemExit) as exit:
+        train.main(argv)
+    message = str(exit.value.code)
+    assert message.startswith("train.py: interrupted") and message.count("\n") == 0
+    assert ("resume from --checkpoint" in message) == checkpoint, message
 
 
 @pytest.mark.parametrize("extra", [["--depth", "21"], ["--model", "convmixer", "--depth", "0"],

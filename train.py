@@ -590,11 +590,15 @@ def main(argv=None):
     config = recipe(args)
     # a run with a checkpoint or --skip-finished is finished once its result is in --out
     once = args.checkpoint or args.skip_finished
-    with claimed(args.out, config) if once else nullcontext():
-        if once and has_result(read_results(args.out), config):
-            print(f"already in {args.out}: {json.dumps(config)}")
-            return
-        run(args, config, device)
+    try:
+        with claimed(args.out, config) if once else nullcontext():
+            if once and has_result(read_results(args.out), config):
+                print(f"already in {args.out}: {json.dumps(config)}")
+                return
+            run(args, config, device)
+    except KeyboardInterrupt:  # only a run with a checkpoint can resume
+        how = "rerun the same command to resume from --checkpoint" if args.checkpoint else "no --checkpoint to resume"
+        sys.exit(f"train.py: interrupted; {how}")
 
 
 def run(args, config, device):
@@ -782,7 +786,7 @@ def sync(device):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit("train.py: interrupted; rerun the same command to resume from --checkpoint")
+    except KeyboardInterrupt:  # in parse_args or the benchmark; main says how a run resumes
+        sys.exit("train.py: interrupted")
     except torch.cuda.OutOfMemoryError:
         sys.exit("train.py: error: out of memory; lower --batch-size or --expansion")
