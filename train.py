@@ -215,9 +215,12 @@ def recipe(config):
     return {k: config.get(k, PARSER.get_default(k)) for k in CONFIG_KEYS}
 
 
+FAST = ("cuda",)  # device types that run in bf16 autocast and channels_last; a test adds "cpu" to run that path
+
+
 def autocast(device):
     """bf16 autocast on CUDA, a no-op elsewhere: the one place precision is decided."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in FAST)
 
 
 def pick_device(name):
@@ -313,7 +316,7 @@ def augment(images, generator):
 def to_input(images):
     """uint8 (B, C, H, W) -> float [0, 1], channels_last on CUDA."""
     x = images.float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type in FAST else x
 
 
 # -----------------------------------------------------------------------------
@@ -353,7 +356,7 @@ def build_net(args):
 def to_device(model, device):
     """The model on the device, channels_last on CUDA (faster convs with bf16)."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return model.to(memory_format=torch.channels_last) if device.type in FAST else model
 
 
 def make_optimizer(model, lr, momentum, weight_decay):
