@@ -60,6 +60,8 @@ ARCH_FLAGS = {"resnet": ("depth", "width", "kernel_size"),
               "convmixer": ("dim", "depth", "kernel_size", "patch_size")}
 # flags that do not change what a run computes: left out when results and checkpoints are matched
 NOT_RECIPE = ("data_dir", "out", "checkpoint", "save_figures", "device", "compile", "skip_finished", "benchmark")
+# flags that act on the spatial (k×k, k > 1) convs: refused, when set, for a model that has none
+SPATIAL_FLAGS = ("expansion", "frozen", "preconditioned", "lc_limit", "init", "intermediate", "save_figures")
 MAX_SEED = 2**32 - 1
 MAX_ALPHA = 1e6  # frozen LC's learning-rate factor past which a run is warned (the sweep's largest: 2e4)
 
@@ -124,17 +126,13 @@ def parse_args(argv=None):
             if getattr(args, flag) is None:
                 setattr(args, flag, inspect.signature(builder).parameters[flag].default)
     data = DATASETS[args.dataset]
+    # the rest of the model's sizes (depth, patch size) lcconv checks when the model is built below
     checks = [
         (args.expansion >= 0, "--expansion must be >= 0 (0 = no LC-Block)"),
         (args.kernel_size is None or (args.kernel_size >= 1 and args.kernel_size % 2),
          f"--kernel-size must be odd and >= 1, got {args.kernel_size}"),
-        (args.model != "resnet" or (args.depth >= 8 and (args.depth - 2) % 6 == 0),
-         f"--depth must be 6n+2 (8, 14, 20, ..., 260) for the ResNet, got {args.depth}"),
-        (args.model != "convmixer" or args.depth >= 1, f"--depth must be >= 1, got {args.depth}"),
         (args.width is None or args.width >= 1, f"--width must be >= 1, got {args.width}"),
         (args.dim is None or args.dim >= 1, f"--dim must be >= 1, got {args.dim}"),
-        (args.patch_size is None or 1 <= args.patch_size <= 32,
-         f"--patch-size must be in 1..32 (the images are 32x32), got {args.patch_size}"),
         (args.intermediate == "none" or args.expansion >= 1, "--intermediate needs an LC-Block (--expansion >= 1)"),
         (not args.preconditioned or (args.frozen and args.expansion >= 1 and args.intermediate == "none"),
          "--preconditioned needs --frozen, --expansion >= 1 and no --intermediate"),
@@ -161,6 +159,17 @@ def parse_args(argv=None):
     for ok, message in checks:
         if not ok:
             error(message)
+    if args.model in ARCH_FLAGS:  # built on the meta device: lcconv's checks, no memory, no random numbers
+        try:
+            with torch.device("meta"):
+                plain = builder(**{flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]})
+        except ValueError as e:
+            error(f"--model {args.model}: {e}")
+        given = [flag for flag in SPATIAL_FLAGS if getattr(args, flag) != PARSER.get_default(flag)]
+        if given and not list(lcconv.spatial_layers(plain)):
+            given = [f"--{flag.replace('_', '-')}" for flag in given]
+            error(f"this {args.model} has no spatial conv (with these sizes all its convs are 1x1): "
+                  f"nothing for {', '.join(given)} to act on")
     device_error = check_device(args.device)
     if device_error:
         error(device_error)
@@ -214,9 +223,12 @@ def recipe(config):
     return {k: config.get(k, PARSER.get_default(k)) for k in CONFIG_KEYS}
 
 
+FAST = ("cuda",)  # device types that run in bf16 autocast and channels_last; a test adds "cpu" to run that path
+
+
 def autocast(device):
     """bf16 autocast on CUDA, a no-op elsewhere: the one place precision is decided."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in FAST)
 
 
 def pick_device(name):
@@ -312,7 +324,7 @@ def augment(images, generator):
 def to_input(images):
     """uint8 (B, C, H, W) -> float [0, 1], channels_last on CUDA."""
     x = images.float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type in FAST else x
 
 
 # -----------------------------------------------------------------------------
@@ -359,7 +371,7 @@ def build_net(args):
 def to_device(model, device):
     """The model on the device, channels_last on CUDA (faster convs with bf16)."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return model.to(memory_format=torch.channels_last) if device.type in FAST else model
 
 
 def make_optimizer(model, lr, momentum, weight_decay):
@@ -458,6 +470,8 @@ def filter_metrics(net):
     """FVE of the first and last spatial layer (Fig. 5), the spatial variance (Fig. 8b) and
     the random basis of frozen LC layers (lcconv.basis_summary)."""
     filters = list(lcconv.combined_filters(net).values())
+    if not filters:  # every conv 1×1 (--kernel-size 1): nothing to measure
+        return dict.fromkeys(("fve_first", "fve_last", "fve_first_raw", "fve_last_raw", "spatial_variance", "basis"))
     (first_raw, first), (last_raw, last) = map(lcconv.filter_variance_entropy, (filters[0], filters[-1]))
     variance = lcconv.spatial_variance(net)
     basis = [{k: round(v, 4) if isinstance(v, float) else v for k, v in layer.items()}
@@ -594,11 +608,15 @@ def main(argv=None):
     config = recipe(args)
     # a run with a checkpoint or --skip-finished is finished once its result is in --out
     once = args.checkpoint or args.skip_finished
-    with claimed(args.out, config) if once else nullcontext():
-        if once and has_result(read_results(args.out), config):
-            print(f"already in {args.out}: {json.dumps(config)}")
-            return
-        run(args, config, device)
+    try:
+        with claimed(args.out, config) if once else nullcontext():
+            if once and has_result(read_results(args.out), config):
+                print(f"already in {args.out}: {json.dumps(config)}")
+                return
+            run(args, config, device)
+    except KeyboardInterrupt:  # only a run with a checkpoint can resume
+        how = "rerun the same command to resume from --checkpoint" if args.checkpoint else "no --checkpoint to resume"
+        sys.exit(f"train.py: interrupted; {how}")
 
 
 def run(args, config, device):
@@ -786,7 +804,7 @@ def sync(device):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit("train.py: interrupted; rerun the same command to resume from --checkpoint")
+    except KeyboardInterrupt:  # in parse_args or the benchmark; main says how a run resumes
+        sys.exit("train.py: interrupted")
     except torch.cuda.OutOfMemoryError:
         sys.exit("train.py: error: out of memory; lower --batch-size or --expansion")
