@@ -873,7 +873,8 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     (["--kernel-size", "1", "--expansion", "8", "--frozen", "--preconditioned"],
      "--expansion, --frozen, --preconditioned"),
     (["--kernel-size", "1", "--lc-limit", "8"], "--lc-limit"),
-    (["--kernel-size", "1", "--init", "center", "--save-figures", "figures"], "--init, --save-figures"),
+    (["--kernel-size", "1", "--init", "center", "--save-figures", "figures"], "--init"),
+    (["--kernel-size", "1", "--lc-init", "8"], "--lc-init"),
     (["--model", "convmixer", "--patch-size", "1", "--kernel-size", "1", "--intermediate", "relu", "--expansion", "2"],
      "--expansion, --intermediate"),
     (["--model", "convmixer", "--patch-size", "2", "--kernel-size", "1", "--expansion", "2", "--frozen"], None),
@@ -893,8 +894,11 @@ def test_lc_flags_on_a_model_without_spatial_conv_are_one_line_before_any_work(c
 
 
 def test_a_plain_run_without_spatial_conv_records_empty_filter_metrics(tiny_data, tmp_path):
-    train.main(tiny_args(tiny_data, tmp_path, "--kernel-size", "1", "--epochs", "1"))
+    """...and draws no figures (a sweep passes --save-figures to every run)."""
+    train.main(tiny_args(tiny_data, tmp_path, "--kernel-size", "1", "--epochs", "1", "--save-figures",
+                         str(tmp_path / "figures")))
     [result] = results(tmp_path)
+    assert not (tmp_path / "figures").exists()
     assert result["test_acc"] is not None and result["kernel_size"] == 1
     for key in ("fve_first", "fve_last", "fve_first_raw", "fve_last_raw", "spatial_variance", "basis"):
         assert result[key] is None, key

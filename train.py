@@ -61,7 +61,7 @@ ARCH_FLAGS = {"resnet": ("depth", "width", "kernel_size"),
 # flags that do not change what a run computes: left out when results and checkpoints are matched
 NOT_RECIPE = ("data_dir", "out", "checkpoint", "save_figures", "device", "compile", "skip_finished", "benchmark")
 # flags that act on the spatial (k×k, k > 1) convs: refused, when set, for a model that has none
-SPATIAL_FLAGS = ("expansion", "frozen", "preconditioned", "lc_limit", "init", "intermediate", "save_figures")
+SPATIAL_FLAGS = ("expansion", "frozen", "preconditioned", "lc_limit", "lc_init", "init", "intermediate")
 MAX_SEED = 2**32 - 1
 MAX_ALPHA = 1e6  # frozen LC's learning-rate factor past which a run is warned (the sweep's largest: 2e4)
 
@@ -679,7 +679,7 @@ def run(args, config, device):
     except OSError as e:
         sys.exit(f"train.py: error: could not write the result to {args.out} ({e}); rerun the same command")
     print(json.dumps({k: result[k] for k in ("test_acc", "train_acc", "fgsm_acc", "fve_first", "fve_last")}))
-    if args.save_figures:
+    if args.save_figures and result["spatial_variance"] is not None:  # a model with spatial convs
         try:
             save_figures(model.net, args.save_figures)
         except OSError as e:
