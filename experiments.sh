@@ -25,8 +25,8 @@ Settings, from the environment (paper's defaults):
   PYTHON=python
 
 A run whose config already has a line in $RESULTS/results.jsonl is skipped; an interrupted run
-resumes from its checkpoint in $RESULTS/checkpoints. A failed run is reported and the others
-go on; the exit status is 1 if any failed.
+resumes from its checkpoint in $RESULTS/checkpoints. A failed run (or report) is reported and the
+others go on; the exit status is 1 if any failed.
 
 The file is a Python program: bash only runs its first lines, which start Python on it.
 """
@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def read_settings(env):
 
 
 # -----------------------------------------------------------------------------
-# Report helpers: results are dicts with every config key; select and summarise them
+# Report helpers: results are dicts with every config key, checked when loaded; select and summarise them
 
 PAPER_TABLE1 = {  # baseline, LC learnable x128, LC frozen x128
     "cifar10": ("91.60 ± 0.23", "91.39 ± 0.29", "91.89 ± 0.10"),
@@ -117,16 +118,68 @@ RESNET = dict(model="resnet", depth=20, width=16, kernel_size=3, expansion=0, fr
               init="kaiming_uniform", intermediate="none", preconditioned=False, lc_limit=None)
 CONVMIXER = dict(RESNET, model="convmixer", depth=8, kernel_size=9, dim=256, patch_size=2, width=None)
 SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps")
+METRICS = ("test_acc", "fgsm_acc", "fve_first", "fve_last", "params_learnable")  # the numbers the report reads
+BASIS = ("rank", "alpha", "spread", "spread_mp")  # what it reads of each layer's random basis
+
+
+def number(x):
+    """x if it is a finite number, else None (a JSON line can hold NaN, Infinity or "81.5")."""
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def unusable(r):
+    """Why the report cannot use a result line (parsed JSON), or None: it needs a JSON object whose
+    config keys have the types of train.py's flags and whose test_acc is a finite number."""
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    for action in train.PARSER._actions:
+        if action.dest not in train.CONFIG_KEYS:
+            continue
+        value = r.get(action.dest, action.default)  # lines from before a flag lack its key
+        kind = action.type or (str if action.default is None else type(action.default))  # store_true: bool
+        if value is None and action.default is None or not isinstance(kind, type):
+            continue  # an unset flag, or a type argparse gets from a function: nothing to check
+        if (number(value) is None) if kind is float else type(value) is not kind:  # an int is a float too
+            return f"{action.dest} is {value!r}, not {kind.__name__}"
+    if "test_acc" not in r:
+        return "no test_acc"
+    if number(r["test_acc"]) is None:
+        return f"test_acc is {r['test_acc']!r}, not a finite number"
+    return None
+
+
+def metrics(r):
+    """The metrics the report reads, each as it expects it, or None (missing in older lines, or malformed)."""
+    v, basis, figures = r.get("spatial_variance"), r.get("basis"), r.get("save_figures")
+    square = isinstance(v, list) and len(v) > 0 and all(  # k×k numbers
+        isinstance(row, list) and len(row) == len(v) and all(number(x) is not None for x in row) for row in v)
+    layers = isinstance(basis, list) and len(basis) > 0 and all(
+        isinstance(layer, dict) and all(number(layer.get(k)) is not None for k in BASIS) for layer in basis)
+    return dict({k: number(r.get(k)) for k in METRICS}, spatial_variance=v if square else None,
+                basis=basis if layers else None, save_figures=figures if isinstance(figures, str) else None)
 
 
 def load_results(folder):
-    """One result per (config, seed), the first one written, with every config key filled in
-    (lines written before a flag existed lack its key)."""
-    unique = {}
-    for r in train.read_results(Path(folder) / "results.jsonl"):
+    """-> (results, skipped). results: one per (config, seed), the first usable line written, with
+    every config key filled in (lines written before a flag existed lack its key) and the metrics
+    checked; skipped: why each other line is not used ("line 3: no test_acc"), blank lines and
+    repeats aside."""
+    unique, skipped = {}, []
+    path = Path(folder) / "results.jsonl"
+    for n, line in enumerate(path.read_text(errors="replace").splitlines() if path.is_file() else [], 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # not ours, or cut short by a crash
+            r = None
+        problem = unusable(r)
+        if problem:
+            skipped.append(f"line {n}: {problem}")
+            continue
         config = train.recipe(r)
-        unique.setdefault(json.dumps(config, sort_keys=True), {**r, **config})
-    return list(unique.values())
+        unique.setdefault(json.dumps(config, sort_keys=True), {**r, **config, **metrics(r)})
+    return list(unique.values()), skipped
 
 
 def select(runs, base=RESNET, **kw):
@@ -172,8 +225,8 @@ def sizes(rs, key):
 def centre_ratio(rs):
     """Spatial variance at the kernel centre over the mean of its outer ring (Fig. 8b); 1 = uniform."""
     ratios = []
-    for r in rs:
-        v = torch.tensor(r["spatial_variance"])
+    for v in [r["spatial_variance"] for r in rs if r["spatial_variance"]]:
+        v = torch.tensor(v)
         c = len(v) // 2
         ring = torch.cat([v[0], v[-1], v[1:-1, 0], v[1:-1, -1]]) if len(v) > 1 else v.flatten()
         ratios.append((v[c, c] / ring.mean()).item())
@@ -183,7 +236,10 @@ def centre_ratio(rs):
 def variance_range(rs):
     """The spatial variance over its mean, smallest–largest position (the heatmap's numbers; its
     grey is 1, white 4, black 1/4)."""
-    v = torch.tensor(rs[0]["spatial_variance"])
+    v = next((r["spatial_variance"] for r in rs if r["spatial_variance"]), None)
+    if v is None:
+        return "—"
+    v = torch.tensor(v)
     v = v / v.mean()
     return f"{v.min():.2f}–{v.max():.2f}"
 
@@ -805,21 +861,29 @@ def check_results_folder(results):
 
 
 def write_report(folder):
-    runs = load_results(folder)
+    runs, skipped = load_results(folder)
     settings = {}
     for r in runs:
-        settings.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
+        settings.setdefault(tuple(r[k] for k in SETTING), []).append(r)
+    shown = 10  # the lines not used that the report names
+    unused = (f" {len(skipped)} line(s) not used: " + "; ".join(skipped[:shown])
+              + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "") + ".") if skipped else ""
     parts = [f"# lcconv: our results beside the paper's\n\nEach cell: mean ± std over seeds (number of "
-             f"seeds). {len(runs)} finished runs in results.jsonl. Paper: Gavrikov & Keuper, arXiv:2301.11360.\n"]
+             f"seeds). {len(runs)} finished runs in results.jsonl.{unused} Paper: Gavrikov & Keuper, "
+             f"arXiv:2301.11360.\n"]
     for setting, rs in settings.items():
+        sections = [group.report(rs, folder) for group in GROUPS.values()]
+        if not any(sections):  # runs no table shows (of another --width, say): no empty heading
+            continue
         s = dict(zip(SETTING, setting))
         parts.append(f"# Runs of {s['epochs']} epoch(s) on " + (f"the first {s['train_subset']} training images"
                      if s["train_subset"] else "the full training set")
                      + f", batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}\n")
-        parts += [group.report(rs, folder) for group in GROUPS.values()]
+        parts += sections
     with atomic_file(Path(folder, "REPORT.md")) as f:
         f.write("\n".join(p for p in parts if p).encode())
-    print(f"wrote {folder}/REPORT.md")
+    print(f"wrote {folder}/REPORT.md" + (f" ({len(skipped)} line(s) of results.jsonl not used, named there)"
+                                         if skipped else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -868,17 +932,22 @@ def main(argv, env):
             print("WARNING: no GPU found; the full recipe takes days on a CPU (QUICK=1 scales it down)",
                   file=sys.stderr)
     fetch(dict.fromkeys(args.dataset for _, args in todo), s.data_dir)
-    failed = 0
+    failed = report_failed = 0
     for group in groups:
         print(f"== {group.name}")
         # again per group: a config that an earlier group shares has its result by now
         failed += run_all([run for run, _ in unfinished(runs_of(group, s), s)], s)
-        write_report(s.results)
+        try:
+            write_report(s.results)
+        except Exception as e:  # a bug in the report must not stop the later groups' runs; it is said, not hidden
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            print(f"experiments.sh: the report failed ({type(e).__name__}: {e}, in {where.name} at "
+                  f"{Path(where.filename).name}:{where.lineno}); the sweep goes on", file=sys.stderr)
+            report_failed = 1
     if failed:
         print(f"{failed} run(s) failed; rerun the same command to retry them (finished runs are skipped)",
               file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or report_failed else 0
 
 
 if __name__ == "__main__":

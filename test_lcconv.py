@@ -1025,3 +1025,58 @@ def test_report_has_every_table_and_figure(sweep, capsys, tmp_path):
     assert "[filters](figures/" in report and "centre/ring 2.00" in report
     assert "Ours, counting means within the seeds' spread" in report
     assert "the limit tracks frozen LC (folded, or preconditioned where only that ran) at E =" in report
+
+
+# -----------------------------------------------------------------------------
+# experiments.sh on odd results lines
+
+
+def made_up(command, test_acc):
+    """A result line for a listed train.py command, with made-up metrics."""
+    args = train.parse_args(command.split()[2:])
+    k = args.kernel_size or 3
+    return dict(vars(args), test_acc=test_acc, fgsm_acc=70.0, fve_first=1.0, fve_last=0.9, params_learnable=1000,
+                spatial_variance=[[1.0 + (y == x == k // 2) for x in range(k)] for y in range(k)])
+
+
+def test_report_skips_and_counts_the_lines_it_cannot_use(sweep, capsys, tmp_path):
+    env = dict(SEEDS="0", RESULTS=str(tmp_path))
+    good = [made_up(c, 80.0) for c in listed(sweep, capsys, "table1", "kernel", **env)]
+    for r in good:
+        if r["kernel_size"] == 9:  # lines from before these metrics
+            del r["spatial_variance"], r["fgsm_acc"]
+        if r["kernel_size"] == 7:  # malformed ones: shown as missing
+            r.update(spatial_variance=[[1.0, 2.0]], fve_first="0.9", basis="x", save_figures=3)
+    baseline = good[0]
+    odd = [dict(baseline, test_acc="81.5"), dict(baseline, expansion="4"), dict(baseline, test_acc=math.nan), {},
+           dict(baseline, frozen=None)]
+    lines = [json.dumps(r) for r in odd] + ["not json", "", "[1]"] + [json.dumps(r) for r in good]
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    assert sweep.main(["report"], {**CLEAN_ENV, **env}) == 0
+    assert "7 line(s) of results.jsonl not used" in capsys.readouterr().out
+    report = (tmp_path / "REPORT.md").read_text()
+    for reason in ["7 line(s) not used: line 1: test_acc is '81.5', not a finite number",
+                   "line 2: expansion is '4', not int", "line 3: test_acc is nan, not a finite number",
+                   "line 4: no test_acc", "line 5: frozen is None, not bool", "line 6: not a JSON object",
+                   "line 8: not a JSON object."]:
+        assert reason in report, reason
+    configs = {json.dumps(train.recipe(r), sort_keys=True) for r in good}  # table1 and kernel share three
+    assert f"{len(configs)} finished runs" in report and report.count("# Runs of") == 1  # {} adds no heading
+    assert "| cifar10 | 80.00 (1) |" in report and "## Fig. 7-9" in report
+    assert "| 9 | learned, no LC | — | — | [filters]" in report and "| 7 | learned, no LC | — | — | — |" in report
+
+
+def test_a_failing_report_in_a_sweep_is_one_line_and_the_later_groups_still_run(sweep, capsys, tmp_path,
+                                                                                monkeypatch):
+    ran = []
+    monkeypatch.setattr(sweep, "run_all", lambda runs, s: ran.append(runs[0].group) or 0)  # trains nothing
+    monkeypatch.setattr(sweep, "fetch", lambda datasets, data_dir: None)
+
+    def broken(folder):
+        raise KeyError("spatial_variance")
+
+    monkeypatch.setattr(sweep, "write_report", broken)
+    assert sweep.main(["table1", "expansion"], dict(CLEAN_ENV, QUICK="1", RESULTS=str(tmp_path))) == 1
+    err = capsys.readouterr().err
+    assert ran == ["table1", "expansion"]
+    assert err.count("\n") == 2 and err.count("the report failed") == 2 and "KeyError" in err, err
