@@ -46,14 +46,18 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+MISSING = None  # the module this Python lacks: --help works without it, all else says what to install
+try:
+    import torch
 
-import train
+    import train
+except ModuleNotFoundError as e:
+    MISSING = e.name
 
 # -----------------------------------------------------------------------------
 # Settings: the environment, with the paper's defaults; QUICK=1 scales them to a 2-core CPU
 
-DEFAULTS = dict(SEEDS="0 1 2 3", EPOCHS="75", DATASETS=" ".join(train.DATASETS), DATA_DIR="./data",
+DEFAULTS = dict(SEEDS="0 1 2 3", EPOCHS="75", DATASETS="", DATA_DIR="./data",  # DATASETS: all of train.py's
                 RESULTS="results", TRAIN_ARGS="", GPUS="", PYTHON="python")
 QUICK_DEFAULTS = dict(SEEDS="0", EPOCHS="5", DATASETS="fashionmnist", RESULTS="results-quick",
                       TRAIN_ARGS="--train-subset 5000")
@@ -89,8 +93,8 @@ def read_settings(env):
     def get(name):  # as bash's ${NAME:-default}: unset or empty takes the default
         return env.get(name) or (quick and QUICK_DEFAULTS.get(name)) or DEFAULTS[name]
 
-    s = Settings(quick, get("SEEDS").split(), get("EPOCHS"), get("DATASETS").split(), get("DATA_DIR"),
-                 get("RESULTS"), get("TRAIN_ARGS"), get("GPUS").split(), get("PYTHON"), dict(env))
+    s = Settings(quick, get("SEEDS").split(), get("EPOCHS"), get("DATASETS").split() or list(train.DATASETS),
+                 get("DATA_DIR"), get("RESULTS"), get("TRAIN_ARGS"), get("GPUS").split(), get("PYTHON"), dict(env))
     unknown = [d for d in s.datasets if d not in train.DATASETS]
     if unknown:
         die(f"DATASETS has {' '.join(unknown)}; datasets: {' '.join(train.DATASETS)}")
@@ -911,6 +915,9 @@ def main(argv, env):
             names.append(arg)
         else:
             die(f"unknown group '{arg}'; groups: {' '.join(GROUPS)}, report, --list")
+    if MISSING:
+        die(f"{sys.executable} has no module '{MISSING}': pip install -r requirements.txt for it, or set PYTHON "
+            f"to a Python that has them")
     s = read_settings(env)
     groups = [GROUPS[n] for n in names or (QUICK_GROUPS if s.quick else GROUPS)]
     if list_only:

@@ -1028,7 +1028,9 @@ def test_report_has_every_table_and_figure(sweep, capsys, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# experiments.sh on odd results lines
+# experiments.sh on odd results lines and with a Python without torch
+
+import venv  # noqa: E402
 
 
 def made_up(command, test_acc):
@@ -1080,3 +1082,15 @@ def test_a_failing_report_in_a_sweep_is_one_line_and_the_later_groups_still_run(
     err = capsys.readouterr().err
     assert ran == ["table1", "expansion"]
     assert err.count("\n") == 2 and err.count("the report failed") == 2 and "KeyError" in err, err
+
+
+def test_without_torch_help_works_and_the_rest_says_what_to_install(tmp_path):
+    venv.create(tmp_path / "venv", with_pip=False)  # a Python without the site-packages that hold torch
+    python = str(tmp_path / "venv" / "bin" / "python")
+    usage = experiments("--help", PYTHON=python)
+    assert usage.returncode == 0 and "QUICK=1" in usage.stdout and "mechanism" in usage.stdout, usage.stderr
+    for args in (["--list"], ["report"], ["table1"], []):  # [] = the whole sweep
+        run = experiments(*args, PYTHON=python, RESULTS=str(tmp_path / "results"))
+        assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+        assert python in run.stderr and "pip install -r requirements.txt" in run.stderr and not run.stdout
+    assert not (tmp_path / "results").exists()
