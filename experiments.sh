@@ -31,6 +31,7 @@ others go on; the exit status is 1 if any failed.
 The file is a Python program: bash only runs its first lines, which start Python on it.
 """
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -118,10 +119,9 @@ PAPER_TABLE3 = {  # frozen, learnable; ResNet-LC-20-16x64 on CIFAR-10
     "none": ("91.71 ± 0.08", "91.18 ± 0.10"), "relu": ("92.78 ± 0.31", "93.38 ± 0.15"),
     "bn": ("91.50 ± 0.15", "91.06 ± 0.23"), "bn_relu": ("93.26 ± 0.18", "94.72 ± 0.16"),
 }
-RESNET = dict(model="resnet", depth=20, width=16, kernel_size=3, expansion=0, frozen=False,
-              init="kaiming_uniform", intermediate="none", preconditioned=False, lc_limit=None)
-CONVMIXER = dict(RESNET, model="convmixer", depth=8, kernel_size=9, dim=256, patch_size=2, width=None)
-SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps")
+# a run's training and evaluation setting: the report has a part for each one it finds
+SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps",
+           "pgd_steps")
 METRICS = ("test_acc", "fgsm_acc", "fve_first", "fve_last", "params_learnable")  # the numbers the report reads
 BASIS = ("rank", "alpha", "spread", "spread_mp")  # what it reads of each layer's random basis
 
@@ -186,9 +186,19 @@ def load_results(folder):
     return list(unique.values()), skipped
 
 
-def select(runs, base=RESNET, **kw):
-    """The runs with exactly this config (base updated by kw)."""
-    want = {**base, **kw}
+@functools.cache
+def default_config(model):
+    """The config of `train.py --model model`, as train.py fills it in (its flags' defaults and the
+    model's own), less the keys the report splits by (SETTING) or pools (dataset, seed). The runs
+    of a table match it in every other key, so those of a flag added to train.py later, at
+    another value, stay out of the tables that do not ask for it."""
+    config = train.recipe(train.parse_args(["--model", model]))
+    return {k: v for k, v in config.items() if k not in ("dataset", "seed", *SETTING)}
+
+
+def select(runs, base=None, **kw):
+    """The runs with exactly this config: base (default: the plain ResNet's) updated by kw."""
+    want = {**(base or default_config("resnet")), **kw}
     return [r for r in runs if all(r.get(k) == v for k, v in want.items())]
 
 
@@ -362,7 +372,7 @@ class Expansion(Group):
             yield flags("--dataset", s.main, "--expansion", e, "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, RESNET, "expansion", "frozen")
+        rs = family(results, ds, default_config("resnet"), "expansion", "frozen")
         es = [e for e in sizes(rs, "expansion") if e > 0]
         if len(es) < 3:
             return ""
@@ -400,7 +410,7 @@ class Scaling(Group):
             yield flags("--dataset", s.main, "--expansion", 1, f"--{self.key}", x, "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, dict(RESNET, expansion=1), self.key, "frozen")
+        rs = family(results, ds, dict(default_config("resnet"), expansion=1), self.key, "frozen")
         xs = sizes(rs, self.key)
         if len(xs) < 2:
             return ""
@@ -423,7 +433,7 @@ class Kernel(Group):
                 yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e, "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, RESNET, "kernel_size", "expansion", "frozen")
+        rs = family(results, ds, default_config("resnet"), "kernel_size", "expansion", "frozen")
         ks = sizes(rs, "kernel_size")
         es = [e for e in sizes(rs, "expansion") if e > 0 and all(select(rs, kernel_size=k, expansion=e) for k in ks)]
         if len(ks) < 2 or not es:
@@ -459,7 +469,7 @@ class Ablation(Group):
             yield flags("--dataset", s.main, "--expansion", self.E, "--intermediate", op, "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, dict(RESNET, expansion=self.E), "intermediate", "frozen")
+        rs = family(results, ds, dict(default_config("resnet"), expansion=self.E), "intermediate", "frozen")
         if all(r["intermediate"] == "none" for r in rs):
             return ""
         paper = PAPER_TABLE3 if ds == "cifar10" else {op: ("—", "—") for op in PAPER_TABLE3}
@@ -480,7 +490,7 @@ class OffTheShelf(Group):
     def section(self, results, ds, folder):
         rows = []
         for model in train.MODELS:
-            base = {"resnet": RESNET, "convmixer": CONVMIXER}.get(model, dict(model=model, expansion=0, frozen=False))
+            base = default_config(model)
             learnable, frozen = select(results, base, dataset=ds), select(results, base, dataset=ds, frozen=True)
             if learnable or frozen:
                 rows.append([model, cell(learnable), cell(frozen), f"{mean(learnable) - mean(frozen):.2f}"])
@@ -504,12 +514,13 @@ class ConvMixer(Group):
                             "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, CONVMIXER, "kernel_size", "expansion", "frozen")
+        base = default_config("convmixer")
+        rs = family(results, ds, base, "kernel_size", "expansion", "frozen")
         ks, es = sizes(rs, "kernel_size"), [e for e in sizes(rs, "expansion") if e > 0]
         if len(ks) < 2:
             return ""
-        rows = [[k, cell(select(rs, CONVMIXER, kernel_size=k)), cell(select(rs, CONVMIXER, kernel_size=k, frozen=True))]
-                + [cell(select(rs, CONVMIXER, kernel_size=k, expansion=e, frozen=True)) for e in es] for k in ks]
+        rows = [[k, cell(select(rs, base, kernel_size=k)), cell(select(rs, base, kernel_size=k, frozen=True))]
+                + [cell(select(rs, base, kernel_size=k, expansion=e, frozen=True)) for e in es] for k in ks]
         return (f"## Beyond the paper: ConvMixer-256/8 on {ds}, kernel size\n\n"
                 + table(["k", "learnable", "frozen"] + [f"LC x{e} frozen" for e in es], rows)
                 + "\nDoes the large-kernel gap of frozen random filters appear here too, and do LCs close it?\n")
@@ -537,7 +548,8 @@ class Init(Group):
 
     def section(self, results, ds, folder):
         out = ""
-        for name, base in [("ResNet-LC-20-16", RESNET), ("ConvMixer-256/8", CONVMIXER)]:
+        for name, model in [("ResNet-LC-20-16", "resnet"), ("ConvMixer-256/8", "convmixer")]:
+            base = default_config(model)
             rs = family(results, ds, dict(base, kernel_size=LARGE_KERNEL), "expansion", "frozen", "init")
             if not any(r["init"] == "center" for r in rs):
                 continue
@@ -607,7 +619,7 @@ class Mechanism(Group):
         return f"{word} ({mean(at_peak):.2f} at E = {self.PEAK}, {mean(last):.2f} at E = {past[-1]})"
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, RESNET, "expansion", "frozen", "preconditioned", "lc_limit")
+        rs = family(results, ds, default_config("resnet"), "expansion", "frozen", "preconditioned", "lc_limit")
         if not any(r["lc_limit"] for r in rs):
             return ""
         es = sorted({r["expansion"] or r["lc_limit"] for r in rs} - {0, None})
@@ -680,7 +692,8 @@ class Mechanism(Group):
                 f"{max(layer['spread'] for layer in layers):.3g}", f"{max(layer['spread_mp'] for layer in layers):.3g}"]
 
     def large_kernel_section(self, results, ds):
-        rs = family(results, ds, dict(RESNET, kernel_size=LARGE_KERNEL), "expansion", "frozen", "init", "lc_limit")
+        base = dict(default_config("resnet"), kernel_size=LARGE_KERNEL)
+        rs = family(results, ds, base, "expansion", "frozen", "init", "lc_limit")
         es = sizes(rs, "lc_limit")
         if not es:
             return ""
@@ -880,9 +893,12 @@ def write_report(folder):
         if not any(sections):  # runs no table shows (of another --width, say): no empty heading
             continue
         s = dict(zip(SETTING, setting))
+        # the rest of the setting where it is not the paper's, so that no two parts have one heading
+        rest = "".join(f", {k.replace('_', ' ')} {s[k]}" for k in ("momentum", "label_smoothing", "fgsm_eps",
+                       "pgd_steps") if s[k] != train.PARSER.get_default(k))
         parts.append(f"# Runs of {s['epochs']} epoch(s) on " + (f"the first {s['train_subset']} training images"
                      if s["train_subset"] else "the full training set")
-                     + f", batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}\n")
+                     + f", batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}{rest}\n")
         parts += sections
     with atomic_file(Path(folder, "REPORT.md")) as f:
         f.write("\n".join(p for p in parts if p).encode())

@@ -1028,8 +1028,9 @@ def test_report_has_every_table_and_figure(sweep, capsys, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# experiments.sh on odd results lines and with a Python without torch
+# experiments.sh on odd results lines, with a Python without torch, with a flag train.py gains later
 
+import copy  # noqa: E402
 import venv  # noqa: E402
 
 
@@ -1094,3 +1095,28 @@ def test_without_torch_help_works_and_the_rest_says_what_to_install(tmp_path):
         assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
         assert python in run.stderr and "pip install -r requirements.txt" in run.stderr and not run.stdout
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("flag, other", [(dict(type=float, default=0.0), 1.0), (dict(type=int, metavar="E"), 64)])
+def test_runs_with_a_flag_added_to_train_py_stay_out_of_the_existing_tables(capsys, tmp_path, monkeypatch, flag,
+                                                                             other):
+    """A train.py flag that experiments.sh never heard of (added here, as one is added later), and runs
+    with another value of it: Table 1 and Fig. 4 show only the runs at its default."""
+    parser = copy.deepcopy(train.PARSER)
+    parser.add_argument("--flag-from-later", **flag)
+    monkeypatch.setattr(train, "PARSER", parser)
+    monkeypatch.setattr(train, "CONFIG_KEYS", train.CONFIG_KEYS + ["flag_from_later"])
+    loader = importlib.machinery.SourceFileLoader("experiments_later", str(HERE / "experiments.sh"))
+    later = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(later)  # loaded again, to read the new parser
+    env = dict(SEEDS="0", DATASETS="cifar10", RESULTS=str(tmp_path))
+    assert later.main(["--list", "table1", "expansion"], {**CLEAN_ENV, **env}) == 0
+    good = [made_up(c, 80.0) for c in dict.fromkeys(capsys.readouterr().out.splitlines())]  # once each
+    for r in good[::2]:  # half of them from before the flag
+        del r["flag_from_later"]
+    lines = good + [dict(r, flag_from_later=other, test_acc=20.0) for r in good]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert later.main(["report"], {**CLEAN_ENV, **env}) == 0
+    report = (tmp_path / "REPORT.md").read_text()
+    assert f"{len(lines)} finished runs" in report and "Table 1" in report and "Fig. 4 and 5" in report
+    assert "80.00 (1)" in report and "(2)" not in report and "20.00" not in report and "50.00" not in report
