@@ -143,7 +143,8 @@ def unusable(r):
         kind = action.type or (str if action.default is None else type(action.default))  # store_true: bool
         if value is None and action.default is None or not isinstance(kind, type):
             continue  # an unset flag, or a type argparse gets from a function: nothing to check
-        if (number(value) is None) if kind is float else type(value) is not kind:  # an int is a float too
+        ok = number(value) is not None if kind is float else type(value) is kind  # an int is a float, a bool no int
+        if not ok:
             return f"{action.dest} is {value!r}, not {kind.__name__}"
     if "test_acc" not in r:
         return "no test_acc"
@@ -175,7 +176,7 @@ def load_results(folder):
             continue
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:  # not ours, or cut short by a crash
+        except ValueError:  # not ours, cut short by a crash, or an int of over 4300 digits
             r = None
         problem = unusable(r)
         if problem:
@@ -955,7 +956,7 @@ def main(argv, env):
             print("WARNING: no GPU found; the full recipe takes days on a CPU (QUICK=1 scales it down)",
                   file=sys.stderr)
     fetch(dict.fromkeys(args.dataset for _, args in todo), s.data_dir)
-    failed = report_failed = 0
+    failed, report_failed = 0, False
     for group in groups:
         print(f"== {group.name}")
         # again per group: a config that an earlier group shares has its result by now
@@ -966,7 +967,7 @@ def main(argv, env):
             where = traceback.extract_tb(e.__traceback__)[-1]
             print(f"experiments.sh: the report failed ({type(e).__name__}: {e}, in {where.name} at "
                   f"{Path(where.filename).name}:{where.lineno}); the sweep goes on", file=sys.stderr)
-            report_failed = 1
+            report_failed = True
     if failed:
         print(f"{failed} run(s) failed; rerun the same command to retry them (finished runs are skipped)",
               file=sys.stderr)

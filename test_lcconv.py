@@ -1053,15 +1053,16 @@ def test_report_skips_and_counts_the_lines_it_cannot_use(sweep, capsys, tmp_path
     baseline = good[0]
     odd = [dict(baseline, test_acc="81.5"), dict(baseline, expansion="4"), dict(baseline, test_acc=math.nan), {},
            dict(baseline, frozen=None)]
-    lines = [json.dumps(r) for r in odd] + ["not json", "", "[1]"] + [json.dumps(r) for r in good]
+    lines = [json.dumps(r) for r in odd] + ["not json", "", "[1]", '{"test_acc": 1' + "0" * 5000 + "}"]
+    lines += [json.dumps(r) for r in good]
     (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
     assert sweep.main(["report"], {**CLEAN_ENV, **env}) == 0
-    assert "7 line(s) of results.jsonl not used" in capsys.readouterr().out
+    assert "8 line(s) of results.jsonl not used" in capsys.readouterr().out
     report = (tmp_path / "REPORT.md").read_text()
-    for reason in ["7 line(s) not used: line 1: test_acc is '81.5', not a finite number",
+    for reason in ["8 line(s) not used: line 1: test_acc is '81.5', not a finite number",
                    "line 2: expansion is '4', not int", "line 3: test_acc is nan, not a finite number",
                    "line 4: no test_acc", "line 5: frozen is None, not bool", "line 6: not a JSON object",
-                   "line 8: not a JSON object."]:
+                   "line 8: not a JSON object", "line 9: not a JSON object."]:
         assert reason in report, reason
     configs = {json.dumps(train.recipe(r), sort_keys=True) for r in good}  # table1 and kernel share three
     assert f"{len(configs)} finished runs" in report and report.count("# Runs of") == 1  # {} adds no heading
