@@ -27,12 +27,13 @@ Settings, from the environment (paper's defaults):
   PYTHON=python   QUICK=1 also trains on the first 5,000 images only (TRAIN_SUBSET=5000)
 
 A run whose config already has a line in $RESULTS/results.jsonl is skipped; an interrupted run
-resumes from its checkpoint in $RESULTS/checkpoints. A failed run is reported and the others
-go on; the exit status is 1 if any failed.
+resumes from its checkpoint in $RESULTS/checkpoints. A failed run (or report) is reported and the
+others go on; the exit status is 1 if any failed.
 
 The file is a Python program: bash only runs its first lines, which start Python on it.
 """
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -44,17 +45,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+MISSING = None  # the module this Python lacks: --help works without it, all else says what to install
+try:
+    import torch
 
-import train
+    import train
+except ModuleNotFoundError as e:
+    MISSING = e.name
 
 # -----------------------------------------------------------------------------
 # Settings: the environment, with the paper's defaults; QUICK=1 scales them to a 2-core CPU
 
-DEFAULTS = dict(SEEDS="0 1 2 3", EPOCHS="75", DATASETS=" ".join(train.DATASETS), DATA_DIR="./data",
+DEFAULTS = dict(SEEDS="0 1 2 3", EPOCHS="75", DATASETS="", DATA_DIR="./data",  # DATASETS: all of train.py's
                 RESULTS="results", TRAIN_ARGS="", GPUS="", PYTHON="python", TRAIN_SUBSET="")
 QUICK_DEFAULTS = dict(SEEDS="0", EPOCHS="5", DATASETS="fashionmnist", RESULTS="results-quick", TRAIN_SUBSET="5000")
 
@@ -90,7 +96,8 @@ def read_settings(env):
     def get(name):  # as bash's ${NAME:-default}: unset or empty takes the default
         return env.get(name) or (quick and QUICK_DEFAULTS.get(name)) or DEFAULTS[name]
 
-    s = Settings(quick, get("SEEDS").split(), get("EPOCHS"), get("TRAIN_SUBSET"), get("DATASETS").split(),
+    s = Settings(quick, get("SEEDS").split(), get("EPOCHS"), get("TRAIN_SUBSET"),
+                 get("DATASETS").split() or list(train.DATASETS),
                  get("DATA_DIR"), get("RESULTS"), get("TRAIN_ARGS"), get("GPUS").split(), get("PYTHON"), dict(env))
     unknown = [d for d in s.datasets if d not in train.DATASETS]
     if unknown:
@@ -103,7 +110,7 @@ def read_settings(env):
 
 
 # -----------------------------------------------------------------------------
-# Report helpers: results are dicts with every config key; select and summarise them
+# Report helpers: results are dicts with every config key, checked when loaded; select and summarise them
 
 PAPER_TABLE1 = {  # baseline, LC learnable x128, LC frozen x128
     "cifar10": ("91.60 ± 0.23", "91.39 ± 0.29", "91.89 ± 0.10"),
@@ -115,25 +122,87 @@ PAPER_TABLE3 = {  # frozen, learnable; ResNet-LC-20-16x64 on CIFAR-10
     "none": ("91.71 ± 0.08", "91.18 ± 0.10"), "relu": ("92.78 ± 0.31", "93.38 ± 0.15"),
     "bn": ("91.50 ± 0.15", "91.06 ± 0.23"), "bn_relu": ("93.26 ± 0.18", "94.72 ± 0.16"),
 }
-RESNET = dict(model="resnet", depth=20, width=16, kernel_size=3, expansion=0, frozen=False,
-              init="kaiming_uniform", intermediate="none", preconditioned=False, lc_limit=None)
-CONVMIXER = dict(RESNET, model="convmixer", depth=8, kernel_size=9, dim=256, patch_size=2, width=None)
-SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps")
+# a run's training and evaluation setting: the report has a part for each one it finds
+SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps",
+           "pgd_steps")
+METRICS = ("test_acc", "fgsm_acc", "fve_first", "fve_last", "params_learnable")  # the numbers the report reads
+BASIS = ("rank", "alpha", "spread", "spread_mp")  # what it reads of each layer's random basis
+
+
+def number(x):
+    """x if it is a finite number, else None (a JSON line can hold NaN, Infinity or "81.5")."""
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def unusable(r):
+    """Why the report cannot use a result line (parsed JSON), or None: it needs a JSON object whose
+    config keys have the types of train.py's flags and whose test_acc is a finite number."""
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    for action in train.PARSER._actions:
+        if action.dest not in train.CONFIG_KEYS:
+            continue
+        value = r.get(action.dest, action.default)  # lines from before a flag lack its key
+        kind = action.type or (str if action.default is None else type(action.default))  # store_true: bool
+        if value is None and action.default is None or not isinstance(kind, type):
+            continue  # an unset flag, or a type argparse gets from a function: nothing to check
+        ok = number(value) is not None if kind is float else type(value) is kind  # an int is a float, a bool no int
+        if not ok:
+            return f"{action.dest} is {value!r}, not {kind.__name__}"
+    if "test_acc" not in r:
+        return "no test_acc"
+    if number(r["test_acc"]) is None:
+        return f"test_acc is {r['test_acc']!r}, not a finite number"
+    return None
+
+
+def metrics(r):
+    """The metrics the report reads, each as it expects it, or None (missing in older lines, or malformed)."""
+    v, basis, figures = r.get("spatial_variance"), r.get("basis"), r.get("save_figures")
+    square = isinstance(v, list) and len(v) > 0 and all(  # k×k numbers
+        isinstance(row, list) and len(row) == len(v) and all(number(x) is not None for x in row) for row in v)
+    layers = isinstance(basis, list) and len(basis) > 0 and all(
+        isinstance(layer, dict) and all(number(layer.get(k)) is not None for k in BASIS) for layer in basis)
+    return dict({k: number(r.get(k)) for k in METRICS}, spatial_variance=v if square else None,
+                basis=basis if layers else None, save_figures=figures if isinstance(figures, str) else None)
 
 
 def load_results(folder):
-    """One result per (config, seed), the first one written, with every config key filled in
-    (lines written before a flag existed lack its key)."""
-    unique = {}
-    for r in train.read_results(Path(folder) / "results.jsonl"):
+    """-> (results, skipped). results: one per (config, seed), the first usable line written, with
+    every config key filled in (lines written before a flag existed lack its key) and the metrics
+    checked; skipped: why each other line is not used ("line 3: no test_acc"), blank lines and
+    repeats aside."""
+    unique, skipped = {}, []
+    path = Path(folder) / "results.jsonl"
+    for n, line in enumerate(path.read_text(errors="replace").splitlines() if path.is_file() else [], 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:  # not ours, cut short by a crash, or an int of over 4300 digits
+            r = None
+        problem = unusable(r)
+        if problem:
+            skipped.append(f"line {n}: {problem}")
+            continue
         config = train.recipe(r)
-        unique.setdefault(json.dumps(config, sort_keys=True), {**r, **config})
-    return list(unique.values())
+        unique.setdefault(json.dumps(config, sort_keys=True), {**r, **config, **metrics(r)})
+    return list(unique.values()), skipped
 
 
-def select(runs, base=RESNET, **kw):
-    """The runs with exactly this config (base updated by kw)."""
-    want = {**base, **kw}
+@functools.cache
+def default_config(model):
+    """The config of `train.py --model model`, as train.py fills it in (its flags' defaults and the
+    model's own), less the keys the report splits by (SETTING) or pools (dataset, seed). The runs
+    of a table match it in every other key, so those of a flag added to train.py later, at
+    another value, stay out of the tables that do not ask for it."""
+    config = train.recipe(train.parse_args(["--model", model]))
+    return {k: v for k, v in config.items() if k not in ("dataset", "seed", *SETTING)}
+
+
+def select(runs, base=None, **kw):
+    """The runs with exactly this config: base (default: the plain ResNet's) updated by kw."""
+    want = {**(base or default_config("resnet")), **kw}
     return [r for r in runs if all(r.get(k) == v for k, v in want.items())]
 
 
@@ -199,8 +268,8 @@ def sizes(rs, key):
 def centre_ratio(rs):
     """Spatial variance at the kernel centre over the mean of its outer ring (Fig. 8b); 1 = uniform."""
     ratios = []
-    for r in rs:
-        v = torch.tensor(r["spatial_variance"])
+    for v in [r["spatial_variance"] for r in rs if r["spatial_variance"]]:
+        v = torch.tensor(v)
         c = len(v) // 2
         ring = torch.cat([v[0], v[-1], v[1:-1, 0], v[1:-1, -1]]) if len(v) > 1 else v.flatten()
         ratios.append((v[c, c] / ring.mean()).item())
@@ -210,7 +279,10 @@ def centre_ratio(rs):
 def variance_range(rs):
     """The spatial variance over its mean, smallest–largest position (the heatmap's numbers; its
     grey is 1, white 4, black 1/4)."""
-    v = torch.tensor(rs[0]["spatial_variance"])
+    v = next((r["spatial_variance"] for r in rs if r["spatial_variance"]), None)
+    if v is None:
+        return "—"
+    v = torch.tensor(v)
     v = v / v.mean()
     return f"{v.min():.2f}–{v.max():.2f}"
 
@@ -330,7 +402,7 @@ class Expansion(Group):
             yield flags("--dataset", s.main, "--expansion", e, "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, RESNET, "expansion", "frozen")
+        rs = family(results, ds, default_config("resnet"), "expansion", "frozen")
         es = [e for e in sizes(rs, "expansion") if e > 0]
         if len(es) < 3:
             return ""
@@ -368,7 +440,7 @@ class Scaling(Group):
             yield flags("--dataset", s.main, "--expansion", 1, f"--{self.key}", x, "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, dict(RESNET, expansion=1), self.key, "frozen")
+        rs = family(results, ds, dict(default_config("resnet"), expansion=1), self.key, "frozen")
         xs = sizes(rs, self.key)
         if len(xs) < 2:
             return ""
@@ -401,7 +473,7 @@ class Kernel(Group):
         return self.grid_section(results, ds, folder) + self.matched_section(results, ds)
 
     def matched_section(self, results, ds):
-        rs = family(results, ds, RESNET, "kernel_size", "expansion", "frozen", "preconditioned")
+        rs = family(results, ds, default_config("resnet"), "kernel_size", "expansion", "frozen", "preconditioned")
         rows, gaps = [], {}
         for k, e in self.MATCHED.items():
             frozen = select(rs, kernel_size=k, expansion=e, frozen=True, preconditioned=True)
@@ -431,7 +503,7 @@ class Kernel(Group):
                 + "\nHypothesis: the frozen-vs-learnable gap of Fig. 8a is a function of m/d alone.\n\n" + ours + "\n")
 
     def grid_section(self, results, ds, folder):
-        rs = family(results, ds, RESNET, "kernel_size", "expansion", "frozen")
+        rs = family(results, ds, default_config("resnet"), "kernel_size", "expansion", "frozen")
         ks = sizes(rs, "kernel_size")
         es = [e for e in sizes(rs, "expansion") if e > 0 and all(select(rs, kernel_size=k, expansion=e) for k in ks)]
         if len(ks) < 2 or not es:
@@ -467,7 +539,7 @@ class Ablation(Group):
             yield flags("--dataset", s.main, "--expansion", self.E, "--intermediate", op, "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, dict(RESNET, expansion=self.E), "intermediate", "frozen")
+        rs = family(results, ds, dict(default_config("resnet"), expansion=self.E), "intermediate", "frozen")
         if all(r["intermediate"] == "none" for r in rs):
             return ""
         paper = PAPER_TABLE3 if ds == "cifar10" else {op: ("—", "—") for op in PAPER_TABLE3}
@@ -488,7 +560,7 @@ class OffTheShelf(Group):
     def section(self, results, ds, folder):
         rows = []
         for model in train.MODELS:
-            base = {"resnet": RESNET, "convmixer": CONVMIXER}.get(model, dict(model=model, expansion=0, frozen=False))
+            base = default_config(model)
             learnable, frozen = select(results, base, dataset=ds), select(results, base, dataset=ds, frozen=True)
             if learnable or frozen:
                 rows.append([model, cell(learnable), cell(frozen), f"{mean(learnable) - mean(frozen):.2f}"])
@@ -512,12 +584,13 @@ class ConvMixer(Group):
                             "--frozen")
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, CONVMIXER, "kernel_size", "expansion", "frozen")
+        base = default_config("convmixer")
+        rs = family(results, ds, base, "kernel_size", "expansion", "frozen")
         ks, es = sizes(rs, "kernel_size"), [e for e in sizes(rs, "expansion") if e > 0]
         if len(ks) < 2:
             return ""
-        rows = [[k, cell(select(rs, CONVMIXER, kernel_size=k)), cell(select(rs, CONVMIXER, kernel_size=k, frozen=True))]
-                + [cell(select(rs, CONVMIXER, kernel_size=k, expansion=e, frozen=True)) for e in es] for k in ks]
+        rows = [[k, cell(select(rs, base, kernel_size=k)), cell(select(rs, base, kernel_size=k, frozen=True))]
+                + [cell(select(rs, base, kernel_size=k, expansion=e, frozen=True)) for e in es] for k in ks]
         return (f"## Beyond the paper: ConvMixer-256/8 on {ds}, kernel size\n\n"
                 + table(["k", "learnable", "frozen"] + [f"LC x{e} frozen" for e in es], rows)
                 + "\nDoes the large-kernel gap of frozen random filters appear here too, and do LCs close it?\n")
@@ -545,7 +618,8 @@ class Init(Group):
 
     def section(self, results, ds, folder):
         out = ""
-        for name, base in [("ResNet-LC-20-16", RESNET), ("ConvMixer-256/8", CONVMIXER)]:
+        for name, model in [("ResNet-LC-20-16", "resnet"), ("ConvMixer-256/8", "convmixer")]:
+            base = default_config(model)
             rs = family(results, ds, dict(base, kernel_size=LARGE_KERNEL), "expansion", "frozen", "init")
             if not any(r["init"] == "center" for r in rs):
                 continue
@@ -608,7 +682,7 @@ class Mechanism(Group):
         return f"{word} ({mean(at_peak):.2f} at E = {self.PEAK}, {mean(last):.2f} at E = {past[-1]})"
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, RESNET, "expansion", "frozen", "preconditioned", "lc_limit", "lc_init")
+        rs = family(results, ds, default_config("resnet"), "expansion", "frozen", "preconditioned", "lc_limit", "lc_init")
         if not any(r["lc_limit"] for r in rs):
             return ""
         es = sorted({r["expansion"] or r["lc_limit"] or r["lc_init"] for r in rs} - {0, None})
@@ -683,7 +757,8 @@ class Mechanism(Group):
                 f"{max(layer['spread'] for layer in layers):.3g}", f"{max(layer['spread_mp'] for layer in layers):.3g}"]
 
     def large_kernel_section(self, results, ds):
-        rs = family(results, ds, dict(RESNET, kernel_size=LARGE_KERNEL), "expansion", "frozen", "init", "lc_limit")
+        base = dict(default_config("resnet"), kernel_size=LARGE_KERNEL)
+        rs = family(results, ds, base, "expansion", "frozen", "init", "lc_limit")
         es = sizes(rs, "lc_limit")
         if not es:
             return ""
@@ -732,7 +807,7 @@ class Length(Group):
                     yield flags("--dataset", s.main, "--expansion", e, *schedule)
 
     def section(self, results, ds, folder):
-        rs = family(results, ds, RESNET, "expansion", "frozen", "preconditioned", "lc_limit", "lc_init", *SETTING)
+        rs = family(results, ds, default_config("resnet"), "expansion", "frozen", "preconditioned", "lc_limit", "lc_init", *SETTING)
         schedules = {}
         for r in rs:
             schedules.setdefault(steps(r), []).append(r)
@@ -946,22 +1021,33 @@ def check_results_folder(results):
 
 
 def write_report(folder):
-    runs = load_results(folder)
+    runs, skipped = load_results(folder)
     settings = {}
     for r in runs:
-        settings.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
+        settings.setdefault(tuple(r[k] for k in SETTING), []).append(r)
+    shown = 10  # the lines not used that the report names
+    unused = (f" {len(skipped)} line(s) not used: " + "; ".join(skipped[:shown])
+              + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "") + ".") if skipped else ""
     parts = [f"# lcconv: our results beside the paper's\n\nEach cell: mean ± std over seeds (number of "
-             f"seeds). {len(runs)} finished runs in results.jsonl. Paper: Gavrikov & Keuper, arXiv:2301.11360.\n"]
+             f"seeds). {len(runs)} finished runs in results.jsonl.{unused} Paper: Gavrikov & Keuper, "
+             f"arXiv:2301.11360.\n"]
     for setting, rs in settings.items():
+        sections = [group.report(rs, folder) for group in GROUPS.values() if not group.spans_settings]
+        if not any(sections):  # runs no table shows (of another --width, say): no empty heading
+            continue
         s = dict(zip(SETTING, setting))
+        # the rest of the setting where it is not the paper's, so that no two parts have one heading
+        rest = "".join(f", {k.replace('_', ' ')} {s[k]}" for k in ("momentum", "label_smoothing", "fgsm_eps",
+                       "pgd_steps") if s[k] != train.PARSER.get_default(k))
         parts.append(f"# Runs of {s['epochs']} epoch(s) on " + (f"the first {s['train_subset']} training images"
                      if s["train_subset"] else "the full training set")
-                     + f", batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}\n")
-        parts += [group.report(rs, folder) for group in GROUPS.values() if not group.spans_settings]
+                     + f", batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}{rest}\n")
+        parts += sections
     parts += [group.report(runs, folder) for group in GROUPS.values() if group.spans_settings]
     with atomic_file(Path(folder, "REPORT.md")) as f:
         f.write("\n".join(p for p in parts if p).encode())
-    print(f"wrote {folder}/REPORT.md")
+    print(f"wrote {folder}/REPORT.md" + (f" ({len(skipped)} line(s) of results.jsonl not used, named there)"
+                                         if skipped else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -989,6 +1075,9 @@ def main(argv, env):
             names.append(arg)
         else:
             die(f"unknown group '{arg}'; groups: {' '.join(GROUPS)}, report, --list")
+    if MISSING:
+        die(f"{sys.executable} has no module '{MISSING}': pip install -r requirements.txt for it, or set PYTHON "
+            f"to a Python that has them")
     s = read_settings(env)
     groups = [GROUPS[n] for n in names or (QUICK_GROUPS if s.quick else GROUPS)]
     if list_only:
@@ -1010,17 +1099,22 @@ def main(argv, env):
             print("WARNING: no GPU found; the full recipe takes days on a CPU (QUICK=1 scales it down)",
                   file=sys.stderr)
     fetch(dict.fromkeys(args.dataset for _, args in todo), s.data_dir)
-    failed = 0
+    failed, report_failed = 0, False
     for group in groups:
         print(f"== {group.name}")
         # again per group: a config that an earlier group shares has its result by now
         failed += run_all([run for run, _ in unfinished(runs_of(group, s), s)], s)
-        write_report(s.results)
+        try:
+            write_report(s.results)
+        except Exception as e:  # a bug in the report must not stop the later groups' runs; it is said, not hidden
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            print(f"experiments.sh: the report failed ({type(e).__name__}: {e}, in {where.name} at "
+                  f"{Path(where.filename).name}:{where.lineno}); the sweep goes on", file=sys.stderr)
+            report_failed = True
     if failed:
         print(f"{failed} run(s) failed; rerun the same command to retry them (finished runs are skipped)",
               file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or report_failed else 0
 
 
 if __name__ == "__main__":

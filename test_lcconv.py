@@ -1262,3 +1262,99 @@ def test_report_has_every_table_and_figure(sweep, capsys, tmp_path):
     assert "the gain holds with length" in report or "the gain shrinks with length" in report \
         or "the gain grows with length" in report
     assert "at matched m/d the gap (learnable − frozen) is" in report
+
+
+# -----------------------------------------------------------------------------
+# experiments.sh on odd results lines, with a Python without torch, with a flag train.py gains later
+
+import copy  # noqa: E402
+import venv  # noqa: E402
+
+
+def made_up(command, test_acc):
+    """A result line for a listed train.py command, with made-up metrics."""
+    args = train.parse_args(command.split()[2:])
+    k = args.kernel_size or 3
+    return dict(vars(args), test_acc=test_acc, fgsm_acc=70.0, fve_first=1.0, fve_last=0.9, params_learnable=1000,
+                spatial_variance=[[1.0 + (y == x == k // 2) for x in range(k)] for y in range(k)])
+
+
+def test_report_skips_and_counts_the_lines_it_cannot_use(sweep, capsys, tmp_path):
+    env = dict(SEEDS="0", RESULTS=str(tmp_path))
+    good = [made_up(c, 80.0) for c in listed(sweep, capsys, "table1", "kernel", **env)]
+    for r in good:
+        if r["kernel_size"] == 9:  # lines from before these metrics
+            del r["spatial_variance"], r["fgsm_acc"]
+        if r["kernel_size"] == 7:  # malformed ones: shown as missing
+            r.update(spatial_variance=[[1.0, 2.0]], fve_first="0.9", basis="x", save_figures=3)
+    baseline = good[0]
+    odd = [dict(baseline, test_acc="81.5"), dict(baseline, expansion="4"), dict(baseline, test_acc=math.nan), {},
+           dict(baseline, frozen=None)]
+    lines = [json.dumps(r) for r in odd] + ["not json", "", "[1]", '{"test_acc": 1' + "0" * 5000 + "}"]
+    lines += [json.dumps(r) for r in good]
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    assert sweep.main(["report"], {**CLEAN_ENV, **env}) == 0
+    assert "8 line(s) of results.jsonl not used" in capsys.readouterr().out
+    report = (tmp_path / "REPORT.md").read_text()
+    for reason in ["8 line(s) not used: line 1: test_acc is '81.5', not a finite number",
+                   "line 2: expansion is '4', not int", "line 3: test_acc is nan, not a finite number",
+                   "line 4: no test_acc", "line 5: frozen is None, not bool", "line 6: not a JSON object",
+                   "line 8: not a JSON object", "line 9: not a JSON object."]:
+        assert reason in report, reason
+    configs = {json.dumps(train.recipe(r), sort_keys=True) for r in good}  # table1 and kernel share three
+    assert f"{len(configs)} finished runs" in report and report.count("# Runs of") == 1  # {} adds no heading
+    assert "| cifar10 | 80.00 (1) |" in report and "## Fig. 7-9" in report
+    assert "| 9 | learned, no LC | — | — | [filters]" in report and "| 7 | learned, no LC | — | — | — |" in report
+
+
+def test_a_failing_report_in_a_sweep_is_one_line_and_the_later_groups_still_run(sweep, capsys, tmp_path,
+                                                                                monkeypatch):
+    ran = []
+    monkeypatch.setattr(sweep, "run_all", lambda runs, s: ran.append(runs[0].group) or 0)  # trains nothing
+    monkeypatch.setattr(sweep, "fetch", lambda datasets, data_dir: None)
+
+    def broken(folder):
+        raise KeyError("spatial_variance")
+
+    monkeypatch.setattr(sweep, "write_report", broken)
+    assert sweep.main(["table1", "expansion"], dict(CLEAN_ENV, QUICK="1", RESULTS=str(tmp_path))) == 1
+    err = capsys.readouterr().err
+    assert ran == ["table1", "expansion"]
+    assert err.count("\n") == 2 and err.count("the report failed") == 2 and "KeyError" in err, err
+
+
+def test_without_torch_help_works_and_the_rest_says_what_to_install(tmp_path):
+    venv.create(tmp_path / "venv", with_pip=False)  # a Python without the site-packages that hold torch
+    python = str(tmp_path / "venv" / "bin" / "python")
+    usage = experiments("--help", PYTHON=python)
+    assert usage.returncode == 0 and "QUICK=1" in usage.stdout and "mechanism" in usage.stdout, usage.stderr
+    for args in (["--list"], ["report"], ["table1"], []):  # [] = the whole sweep
+        run = experiments(*args, PYTHON=python, RESULTS=str(tmp_path / "results"))
+        assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+        assert python in run.stderr and "pip install -r requirements.txt" in run.stderr and not run.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("flag, other", [(dict(type=float, default=0.0), 1.0), (dict(type=int, metavar="E"), 64)])
+def test_runs_with_a_flag_added_to_train_py_stay_out_of_the_existing_tables(capsys, tmp_path, monkeypatch, flag,
+                                                                             other):
+    """A train.py flag that experiments.sh never heard of (added here, as one is added later), and runs
+    with another value of it: Table 1 and Fig. 4 show only the runs at its default."""
+    parser = copy.deepcopy(train.PARSER)
+    parser.add_argument("--flag-from-later", **flag)
+    monkeypatch.setattr(train, "PARSER", parser)
+    monkeypatch.setattr(train, "CONFIG_KEYS", train.CONFIG_KEYS + ["flag_from_later"])
+    loader = importlib.machinery.SourceFileLoader("experiments_later", str(HERE / "experiments.sh"))
+    later = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(later)  # loaded again, to read the new parser
+    env = dict(SEEDS="0", DATASETS="cifar10", RESULTS=str(tmp_path))
+    assert later.main(["--list", "table1", "expansion"], {**CLEAN_ENV, **env}) == 0
+    good = [made_up(c, 80.0) for c in dict.fromkeys(capsys.readouterr().out.splitlines())]  # once each
+    for r in good[::2]:  # half of them from before the flag
+        del r["flag_from_later"]
+    lines = good + [dict(r, flag_from_later=other, test_acc=20.0) for r in good]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert later.main(["report"], {**CLEAN_ENV, **env}) == 0
+    report = (tmp_path / "REPORT.md").read_text()
+    assert f"{len(lines)} finished runs" in report and "Table 1" in report and "Fig. 4 and 5" in report
+    assert "80.00 (1)" in report and "(2)" not in report and "20.00" not in report and "50.00" not in report
