@@ -1032,7 +1032,7 @@ def test_a_short_write_is_taken_back(tmp_path, monkeypatch):
 
 def test_lines_that_are_not_json_objects_are_skipped(tmp_path):
     path = tmp_path / "results.jsonl"
-    path.write_text('[1]\n"text"\nnull\n{"seed": 4}\nnot json\n')
+    path.write_bytes(b'[1]\n"text"\nnull\n{"seed": 4}\nnot json\n\xff\xfe{"seed": 5}\n{"seed": 1' + b"0" * 5000 + b"}\n")
     assert train.read_results(path) == [{"seed": 4}]
     assert not train.has_result(train.read_results(path), train.recipe(train.parse_args([])))
 

@@ -579,10 +579,10 @@ def append_result(path, result):
 def read_results(path):
     """The results in path (a list of dicts); lines that are not JSON objects are skipped."""
     results = []
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+    for line in Path(path).read_text(errors="replace").splitlines() if Path(path).is_file() else []:
         try:
             result = json.loads(line)
-        except json.JSONDecodeError:  # not ours, or cut short by a crash
+        except ValueError:  # not ours, cut short by a crash, or a number past Python's 4,300 digits
             continue
         if isinstance(result, dict):
             results.append(result)
