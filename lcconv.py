@@ -9,6 +9,10 @@ random initialization while the 1×1 weights learn how to combine them. With E·
 filters per layer (the LC expansion E), a frozen ResNet-LC-20-16x128 reaches 91.89% on
 CIFAR-10, above the learnable ResNet-20-16 (91.60%, the paper's Table 1).
 
+Why it trains, in short (the last section): SGD on a frozen LC-Block is SGD on one plain conv
+whose gradient is multiplied by the fixed matrix SᵀS of its random filters S; for large E that
+is a learning rate, and where the conv feeds a BatchNorm, exactly a smaller initialisation.
+
 Contents, top to bottom: the LC-Block -> random filters -> plain ResNet and ConvMixer ->
 convert (the one way in) and fold (the one way out) -> the paper's analysis -> why it trains
 (beyond the paper: the preconditioned form, its large-E limit and the init it reduces to).
