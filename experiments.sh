@@ -831,8 +831,8 @@ class Length(Group):
             gain0, gain1 = mean(f0) - mean(b0), mean(f1) - mean(b1)
             change, tol = gain1 - gain0, tolerance(b0, f0, b1, f1)
             word = "holds" if abs(change) <= tol else "shrinks" if change < 0 else "grows"
-            tracks = [n for n, (_, f, i) in sorted(at_peak.items()) if i and agree(f, i)]
-            apart = [n for n, (_, f, i) in sorted(at_peak.items()) if i and not agree(f, i)]
+            tracks = [f"{n:,}" for n, (_, f, i) in sorted(at_peak.items()) if i and agree(f, i)]
+            apart = [f"{n:,}" for n, (_, f, i) in sorted(at_peak.items()) if i and not agree(f, i)]
             ours = (f"Ours, counting differences {within(b0, f0, b1, f1)} as equal: at E = {Mechanism.PEAK} frozen "
                     f"LC gains {gain0:+.2f} points over the baseline after {short:,} SGD steps and {gain1:+.2f} after "
                     f"{long:,}: the gain {word} with length. `--lc-init` tracks frozen LC after {listed(tracks)} "
