@@ -483,7 +483,7 @@ class Kernel(Group):
                              f"{mean(learnable) - mean(frozen):.2f}".replace("nan", "—")])
             if frozen and learnable:
                 gaps[k] = (frozen, learnable)
-        if not rows:
+        if len(rows) < 2:  # not a comparison across k (the expansion group has k = 3, E = 16)
             return ""
         ours = "Ours: — (fewer than two kernel sizes with both runs)."
         if len(gaps) >= 2:
