@@ -836,7 +836,7 @@ class Length(Group):
             ours = (f"Ours, counting differences {within(b0, f0, b1, f1)} as equal: at E = {Mechanism.PEAK} frozen "
                     f"LC gains {gain0:+.2f} points over the baseline after {short:,} SGD steps and {gain1:+.2f} after "
                     f"{long:,}: the gain {word} with length. `--lc-init` tracks frozen LC after {listed(tracks)} "
-                    f"steps; not after {listed(apart)}.")
+                    f"steps" + (f"; not after {listed(apart)}." if apart else "."))
         return (f"## Why it works, over time: frozen LC xE vs the init it reduces to, on {ds}\n\n"
                 "Test accuracy % and the gain over the baseline of the same schedule. Frozen LC runs folded or, "
                 "past E = 128 (and in QUICK), preconditioned; *limit* is `--lc-limit E`, *init* `--lc-init E` (the "
