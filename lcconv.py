@@ -122,7 +122,9 @@ class LCConv2d(nn.Module):
         """The PreconditionedConv2d that trains exactly as this frozen, linear block."""
         if not (self.frozen and self.linear):
             raise RuntimeError("only a frozen LC-Block without an intermediate op has a preconditioned form")
-        conv = PreconditionedConv2d(*_conv_arguments("block", self), self.expansion, device="meta")
+        conv = PreconditionedConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                    self.padding, self.dilation, self.groups, self.combine.bias is not None,
+                                    self.expansion, device="meta")
         return _filled(conv, self.combined_weight, self.combine.bias, self.preconditioner())
 
     def extra_repr(self):
@@ -317,12 +319,11 @@ def _replace(model, new_module):
 
 
 def _conv_arguments(name, conv):
-    if getattr(conv, "padding_mode", "zeros") != "zeros" or isinstance(conv.padding, str):
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"only numeric zero padding is supported; {name} has "
                          f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
-    bias = conv.combine.bias if isinstance(conv, LCConv2d) else conv.bias
     return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, bias is not None)
+            conv.dilation, conv.groups, conv.bias is not None)
 
 
 FORMS = ("block", "preconditioned", "limit", "init")
@@ -554,7 +555,7 @@ def _lc_limit_conv(args, expansion, init, as_init):
         limit.bias.zero_()
     if as_init:
         plain = nn.Conv2d(*args, device="meta")
-        return _filled(plain, limit.weight / math.sqrt(m * std[0, 0].item() ** 2), limit.bias)
+        return _filled(plain, limit.weight / math.sqrt(alpha(limit, expansion)), limit.bias)
     variance = (m * std**2).expand(limit.weight.shape[1:]).reshape(-1)  # (d,)
     limit.preconditioner.copy_(torch.diag(variance).expand(groups, -1, -1))
     return limit
