@@ -173,14 +173,7 @@ def load_results(folder):
     checked; skipped: why each other line is not used ("line 3: no test_acc"), blank lines and
     repeats aside."""
     unique, skipped = {}, []
-    path = Path(folder) / "results.jsonl"
-    for n, line in enumerate(path.read_text(errors="replace").splitlines() if path.is_file() else [], 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError:  # not ours, cut short by a crash, or an int of over 4300 digits
-            r = None
+    for n, r in train.read_lines(Path(folder) / "results.jsonl"):
         problem = unusable(r)
         if problem:
             skipped.append(f"line {n}: {problem}")

@@ -576,17 +576,20 @@ def append_result(path, result):
         os.close(fd)
 
 
+def read_lines(path):
+    """(line number, parsed JSON or None) for each non-blank line of path, if it exists."""
+    lines = Path(path).read_text(errors="replace").splitlines() if Path(path).is_file() else []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except ValueError:  # not ours, cut short by a crash, or a number past Python's 4,300 digits
+                yield n, None
+
+
 def read_results(path):
     """The results in path (a list of dicts); lines that are not JSON objects are skipped."""
-    results = []
-    for line in Path(path).read_text(errors="replace").splitlines() if Path(path).is_file() else []:
-        try:
-            result = json.loads(line)
-        except ValueError:  # not ours, cut short by a crash, or a number past Python's 4,300 digits
-            continue
-        if isinstance(result, dict):
-            results.append(result)
-    return results
+    return [result for _, result in read_lines(path) if isinstance(result, dict)]
 
 
 def has_result(results, config):
