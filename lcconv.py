@@ -1,7 +1,5 @@
-"""
-Learning with random convolutions: the LC-Block of Gavrikov & Keuper, "The Power of Linear
-Combinations: Learning with Random Convolutions" (arXiv:2301.11360), the models it goes into,
-the paper's filter analysis, and why it trains.
+"""Learning with random convolutions: the LC-Block of Gavrikov & Keuper, "The Power of Linear
+Combinations: Learning with Random Convolutions" (arXiv:2301.11360).
 
 A k×k conv followed directly by a 1×1 conv is one k×k conv whose filters are linear
 combinations (LCs) of the first conv's filters. So the k×k filters can stay frozen at their
@@ -9,14 +7,11 @@ random initialization while the 1×1 weights learn how to combine them. With E·
 filters per layer (the LC expansion E), a frozen ResNet-LC-20-16x128 reaches 91.89% on
 CIFAR-10, above the learnable ResNet-20-16 (91.60%, the paper's Table 1).
 
-Why it trains, in short (the last section): SGD on a frozen LC-Block is SGD on one plain conv
-whose gradient is multiplied by the fixed matrix SᵀS of its random filters S; for large E that
-is a learning rate, and where the conv feeds a BatchNorm, exactly a smaller initialisation.
-
-Contents, top to bottom: the LC-Block -> random filters -> plain ResNet and ConvMixer ->
-convert (the one way in) and fold (the one way out) -> the paper's analysis -> why it trains
-(beyond the paper: the preconditioned form, its large-E limit and the init it reduces to).
-"""
+Contents, top to bottom: the LC-Block, random filters, plain ResNet and ConvMixer, convert (the one
+way in) and fold (the one way out), the paper's analysis, and why it trains (beyond the paper): SGD
+on a frozen LC-Block is SGD on one plain conv whose gradient is multiplied by the fixed matrix SᵀS
+of its random filters S (the preconditioned form); for large E that is a learning rate (the limit
+form) and, where the conv feeds a BatchNorm, exactly a smaller initialisation (the init form)."""
 import math
 from collections import OrderedDict
 
@@ -35,6 +30,12 @@ except ImportError:  # lcconv needs torch alone
 # The LC-Block
 
 
+_INTERMEDIATE_OPS = {"none": lambda maps: nn.Identity(), "relu": lambda maps: nn.ReLU(inplace=True),
+                     "bn": nn.BatchNorm2d,
+                     "bn_relu": lambda maps: nn.Sequential(nn.BatchNorm2d(maps), nn.ReLU(inplace=True))}
+INTERMEDIATES = tuple(_INTERMEDIATE_OPS)
+
+
 class LCConv2d(nn.Module):
     """The paper's LC-Block: a k×k conv c_in -> c_out·E, then a 1×1 conv c_out·E -> c_out.
 
@@ -46,15 +47,15 @@ class LCConv2d(nn.Module):
       compute and activation memory do not grow with E.
     - `groups` applies to both convs, so every group's filters combine only inside the group
       and the block folds into a grouped (depthwise when groups = c_in = c_out) conv.
-    - a bias, if asked for, sits on the 1×1 conv, where it is the folded conv's bias.
-    """
+    - a bias, if asked for, sits on the 1×1 conv, where it is the folded conv's bias."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None,
-                 dilation=1, groups=1, bias=False, expansion=1, frozen=True,
-                 init="kaiming_uniform", intermediate="none"):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
+                 bias=False, expansion=1, frozen=True, init="kaiming_uniform", intermediate="none"):
         super().__init__()
         padding = _check_conv(in_channels, out_channels, kernel_size, padding, dilation)
-        _check_expansion(expansion)
+        _check_count("expansion", expansion, " for an LC-Block")
+        if intermediate not in INTERMEDIATES:
+            raise ValueError(f"intermediate must be one of {', '.join(INTERMEDIATES)}, got {intermediate!r}")
         self.in_channels, self.out_channels, self.expansion = in_channels, out_channels, expansion
         maps = out_channels * expansion  # the random feature maps the 1×1 conv combines
         self.spatial = nn.Conv2d(in_channels, maps, kernel_size, stride, padding, dilation, groups, bias=False)
@@ -62,11 +63,7 @@ class LCConv2d(nn.Module):
         self.padding, self.dilation, self.groups = self.spatial.padding, self.spatial.dilation, groups
         init_filters_(self.spatial.weight, init)
         self.spatial.weight.requires_grad_(not frozen)
-        ops = {"none": nn.Identity(), "relu": nn.ReLU(inplace=True), "bn": nn.BatchNorm2d(maps),
-               "bn_relu": nn.Sequential(nn.BatchNorm2d(maps), nn.ReLU(inplace=True))}
-        if intermediate not in ops:
-            raise ValueError(f"intermediate must be one of {', '.join(INTERMEDIATES)}, got {intermediate!r}")
-        self.intermediate = ops[intermediate]
+        self.intermediate = _INTERMEDIATE_OPS[intermediate](maps)
         self.combine = nn.Conv2d(maps, out_channels, 1, groups=groups, bias=bias)
 
     def two_convs(self, x):
@@ -78,19 +75,24 @@ class LCConv2d(nn.Module):
     def forward(self, x):
         if not self.linear:
             return self.two_convs(x)
-        # a 1×1 conv after a k×k conv is one k×k conv: the same function at a cost that does
-        # not grow with E
+        # a 1×1 conv after a k×k conv is one k×k conv: the same function at a cost that does not grow with E
         return F.conv2d(x, self.combined_weight, self.combine.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
     @property
     def combined_weight(self):
-        """The folded filters K = C·S per group, (c_out, c_in/groups, kh, kw): the paper's
-        "combined filters"."""
-        g = self.groups
-        spatial = self.spatial.weight.reshape(g, -1, self.spatial.weight[0].numel())  # S: (g, m, d)
+        """The folded filters K = C·S per group, (c_out, c_in/groups, kh, kw): the paper's "combined filters"."""
+        g, weight = self.groups, self.spatial.weight
+        # S in its memory order, (m, c_in, kh, kw) or in a channels_last model (m, kh, kw, c_in), so
+        # that its m·d frozen numbers are not copied at every step
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last)
+        filters = weight.permute(0, 2, 3, 1) if channels_last else weight
+        spatial = filters.reshape(g, -1, weight[0].numel())  # S: (g, m, d)
         combine = self.combine.weight.reshape(g, self.out_channels // g, -1)  # C: (g, c_out/g, m)
-        return torch.matmul(combine, spatial).reshape(self.out_channels, -1, *self.kernel_size)
+        shape = list(filters.shape)
+        shape[0] = self.out_channels
+        combined = torch.matmul(combine, spatial).reshape(shape)
+        return combined.permute(0, 3, 1, 2) if channels_last else combined
 
     @property
     def frozen(self):
@@ -110,10 +112,9 @@ class LCConv2d(nn.Module):
                          self.dilation, self.groups, self.combine.bias is not None, device="meta")
         return _filled(conv, self.combined_weight, self.combine.bias)
 
-    # beyond the paper, see "Why it trains" at the end
     @torch.no_grad()
     def preconditioner(self):
-        """P = SᵀS per group, (groups, d, d) with d = c_in/groups·kh·kw."""
+        """P = SᵀS per group, (groups, d, d) with d = c_in/groups·kh·kw (beyond the paper: "Why it trains")."""
         spatial = self.spatial.weight.reshape(self.groups, -1, self.spatial.weight[0].numel())
         return spatial.transpose(1, 2) @ spatial
 
@@ -131,14 +132,10 @@ class LCConv2d(nn.Module):
         return f"expansion={self.expansion}, frozen={self.frozen}"
 
 
-INTERMEDIATES = ("none", "relu", "bn", "bn_relu")
-
-
 def _check_conv(in_channels, out_channels, kernel_size, padding, dilation):
     """Checks what nn.Conv2d lets through; -> padding, None meaning 'same' (odd kernels)."""
-    for name, value in [("in_channels", in_channels), ("out_channels", out_channels)]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    _check_count("in_channels", in_channels)
+    _check_count("out_channels", out_channels)
     kernel_size, dilation = _pair(kernel_size), _pair(dilation)
     if min(kernel_size) < 1:
         raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
@@ -150,9 +147,9 @@ def _check_conv(in_channels, out_channels, kernel_size, padding, dilation):
     return padding
 
 
-def _check_expansion(expansion):
-    if not isinstance(expansion, int) or isinstance(expansion, bool) or expansion < 1:
-        raise ValueError(f"expansion must be an integer >= 1 for an LC-Block, got {expansion!r}")
+def _check_count(name, value, what=""):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{what}, got {value!r}")
 
 
 @torch.no_grad()
@@ -189,8 +186,7 @@ def init_std(shape, init="kaiming_uniform"):
     std = torch.full((kh, kw), 1 / math.sqrt(3 * math.prod(shape[1:])), dtype=torch.float64, device="cpu")
     if init != "center":
         return std
-    y = (torch.arange(kh, dtype=torch.float64, device="cpu") - (kh - 1) / 2) / (kh / 4)
-    x = (torch.arange(kw, dtype=torch.float64, device="cpu") - (kw - 1) / 2) / (kw / 4)
+    y, x = [(torch.arange(k, dtype=torch.float64, device="cpu") - (k - 1) / 2) / (k / 4) for k in (kh, kw)]
     g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / 2)
     return std * g / g.pow(2).mean().sqrt()
 
@@ -304,9 +300,8 @@ def spatial_layers(model, prefix=""):
 
 
 def _replace(model, new_module):
-    """Replace every spatial conv of model by new_module(name, conv) (or keep it where that
-    returns None), in place. A conv shared by several parents is replaced once and stays
-    shared. Returns the model, or the replacement if the model itself is a spatial conv."""
+    """Replace, in place, every spatial conv of model by new_module(name, conv) where that is not
+    None, a shared conv once (it stays shared); -> the model, or its replacement if model is one."""
     replaced = {}
     for name, conv in tqdm(list(spatial_layers(model)), "layers", leave=False, disable=None, delay=2):
         if id(conv) not in replaced:
@@ -330,11 +325,13 @@ FORMS = ("block", "preconditioned", "limit", "init")
 
 
 def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediate="none", form="block"):
-    """Replace, in place, every nn.Conv2d with kernel area > 1 by a fresh random one with the
-    same channels, kernel, stride, padding, dilation, groups and bias: a plain conv
+    """Replace, in place, every plain nn.Conv2d with kernel area > 1 by a fresh random one with
+    the same channels, kernel, stride, padding, dilation, groups and bias: a plain conv
     (expansion=0; frozen or learnable) or an LC-Block of that expansion. init is the
     filters' distribution (default PyTorch's, the paper's). The LC layers already there (LC-Blocks,
-    and the preconditioned and limit forms) stay as they are.
+    and the preconditioned and limit forms) stay as they are. A conv subclass with its own forward
+    (dynamic 'same' padding, weight standardisation...; one changing __init__ only is plain) or a
+    padding other than numeric zeros is refused, by a ValueError before any layer is replaced.
     A frozen linear LC-Block can also come in a form that trains like it at a plain conv's cost
     (expansion >= 1, frozen; see "Why it trains"): "preconditioned" (exactly, in distribution
     for Gaussian filters), "limit" (its m ≫ d limit) or "init" (that limit under BatchNorm).
@@ -342,7 +339,7 @@ def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediat
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if expansion != 0:
-        _check_expansion(expansion)
+        _check_count("expansion", expansion, " for an LC-Block")
     elif intermediate != "none":
         raise ValueError(f"intermediate={intermediate!r} needs an LC-Block (expansion >= 1)")
     init_std((1, 1, 1, 1), init)  # a bad init fails here, before any layer is replaced
@@ -351,11 +348,19 @@ def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediat
     if form == "init" and init == "center":
         raise ValueError("form='init' needs an i.i.d. init: under init='center' the limit's P = α·diag(g²) is a "
                          "learning rate per kernel position, not an initialisation (use form='limit')")
+    arguments = {}  # of every conv to replace, all checked first: a refused model stays as it was
+    for name, conv in spatial_layers(model):
+        if not isinstance(conv, (LCConv2d, PreconditionedConv2d)):  # the LC layers stay
+            name, cls = name or type(model).__name__, type(conv)
+            if (cls.forward, cls._conv_forward) != (nn.Conv2d.forward, nn.Conv2d._conv_forward):
+                raise ValueError(f"{name} is a {cls.__name__}, an nn.Conv2d subclass with its own forward; "
+                                 "convert replaces plain nn.Conv2d only (replace it by nn.Conv2d first)")
+            arguments[id(conv)] = _conv_arguments(name, conv)
 
     def new_module(name, conv):
-        if isinstance(conv, (LCConv2d, PreconditionedConv2d)):
+        if id(conv) not in arguments:
             return None
-        args = _conv_arguments(name, conv)
+        args = arguments[id(conv)]
         if form == "preconditioned":
             new = _preconditioned_lc_block(args, expansion, init)
         elif form in ("limit", "init"):
@@ -379,8 +384,7 @@ def fold(model):
         if isinstance(conv, LCConv2d) and conv.linear:
             return conv.to_conv2d()
         if isinstance(conv, PreconditionedConv2d):
-            plain = nn.Conv2d(*_conv_arguments(name, conv), device="meta")
-            return _filled(plain, conv.weight.detach(), conv.bias)
+            return _filled(nn.Conv2d(*_conv_arguments(name, conv), device="meta"), conv.weight.detach(), conv.bias)
         return None
     return _replace(model, new_module)
 
@@ -391,8 +395,7 @@ def fold(model):
 
 @torch.no_grad()
 def combined_filters(model):
-    """{name: (c_out, c_in/groups, kh, kw) filters} of every spatial conv, LC-Blocks folded,
-    in forward order (see spatial_layers)."""
+    """{name: (c_out, c_in/groups, kh, kw) filters} of every spatial conv, LC-Blocks folded, in forward order."""
     return {name: (m.combined_weight if isinstance(m, LCConv2d) else m.weight).detach().float()
             for name, m in spatial_layers(model)}
 
@@ -404,14 +407,11 @@ def fve_threshold(n):
 
 @torch.no_grad()
 def filter_variance_entropy(weight):
-    """Filter variance entropy of one layer -> (raw H, normalised H / T(N)).
-
-    The layer's N = c_out·c_in kernels as an (N, kh·kw) matrix, centred over N; s its
-    singular values, r = s² / Σ s², H = -Σ r·log10 r. H ≈ log10(k²) for random filters,
-    0 for one repeated pattern."""
+    """Filter variance entropy of one layer -> (raw H, normalised H / T(N)): the layer's N =
+    c_out·c_in kernels as an (N, kh·kw) matrix, centred over N; s its singular values, r = s² / Σ s²,
+    H = -Σ r·log10 r. H ≈ log10(k²) for random filters, 0 for one repeated pattern."""
     kernels = weight.detach().double().reshape(-1, weight.shape[-2] * weight.shape[-1])
-    centred = kernels - kernels.mean(0)
-    s = torch.linalg.svdvals(centred)
+    s = torch.linalg.svdvals(kernels - kernels.mean(0))  # centred over N
     if s.max() <= 1e-9 * kernels.norm():  # all kernels identical (up to rounding)
         return 0.0, 0.0
     r = s**2 / (s**2).sum()
@@ -422,10 +422,9 @@ def filter_variance_entropy(weight):
 
 @torch.no_grad()
 def spatial_variance(model):
-    """(k, k) variance over all kernels of the model at each kernel position (the paper's
-    Fig. 8b): each layer's combined filters divided by that layer's std, stacked, variance
-    per position. Layers whose kernel shape is not the model's most common one (a patch
-    stem) are left out."""
+    """(k, k) variance over all kernels of the model at each kernel position (the paper's Fig. 8b):
+    each layer's combined filters divided by that layer's std, stacked, variance per position.
+    Layers whose kernel shape is not the model's most common one (a patch stem) are left out."""
     filters = list(combined_filters(model).values())
     shapes = [f.shape[-2:] for f in filters]
     shape = max(set(shapes), key=shapes.count)
@@ -451,7 +450,9 @@ def count_parameters(model):
 # Three regimes: m < d, P has rank m (the filters move in a random subspace); m ≈ d, P is an
 # anisotropic preconditioner; m ≫ d, P ≈ E[P] = m·s²·I = α·I, α = E·c_out/(3·c_in·kh·kw)
 # for i.i.d. filters of std s (the limit form). And when the conv feeds a BatchNorm, the loss
-# does not see a filter's scale, so the limit is the plain conv started at K₀/√α (the init form).
+# does not see a filter's scale (it is the same for K and c·K), so the limit trains as the plain
+# conv started at K₀/√α, K_limit = √α·K_init at every SGD step, weight decay and momentum
+# included: a smaller init of the plain network, trained with the plain recipe (the init form).
 
 
 class _RightMultiplyGrad(torch.autograd.Function):
@@ -471,11 +472,10 @@ class _RightMultiplyGrad(torch.autograd.Function):
 
 
 class PreconditionedConv2d(nn.Conv2d):
-    """An nn.Conv2d whose weight gradient is right-multiplied by the fixed buffer
-    `preconditioner`, P of shape (groups, d, d), d = c_in/groups·kh·kw; the bias (if any) is an
-    ordinary parameter. With P = SᵀS it trains exactly as the frozen LC-Block with filters S
-    (LCConv2d.to_preconditioned); it holds groups·d² numbers for P instead of the block's
-    E·c_out·d filters. A fresh one has P = I: a plain conv. `expansion` records the E it stands for."""
+    """An nn.Conv2d whose weight gradient is right-multiplied per group by the fixed buffer
+    `preconditioner`, P (groups, d, d); the bias (if any) is an ordinary parameter. With P = SᵀS it
+    trains exactly as the frozen LC-Block with filters S (LCConv2d.to_preconditioned), in groups·d²
+    numbers instead of E·c_out·d. A fresh one has P = I, a plain conv; `expansion` is the E it stands for."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, expansion=1, device=None, dtype=None):
@@ -517,7 +517,7 @@ def _preconditioned_lc_block(args, expansion, init):
     weight = new.weight.view(groups, -1, d)
     bound = 1 / math.sqrt(m)  # the 1×1 conv's default init U(±1/√m), fan-in m
     std = init_std(new.weight.shape, init).expand(shape).reshape(d)  # Σ^½'s diagonal
-    with torch.device("cpu"):  # real numbers also under a meta-device context (the sweep's plan)
+    with torch.device("cpu"):  # drawn on the CPU even where the caller builds under a torch.device('meta') context
         for group in range(groups):
             if m < d:
                 root = init_filters_(torch.empty(m, *shape), init).reshape(m, d)
@@ -538,24 +538,17 @@ def _lc_limit_conv(args, expansion, init, as_init):
     """The m ≫ d limit of a frozen LC ×E: P replaced by E[P] = m·diag(init_std²) (α·I for the
     i.i.d. inits; α·diag(g²/mean(g²)) per kernel position for center), weight K₀ = C₀·S drawn
     as its limit N(0, init_std²/3) (C₀ has std 1/√(3m)), bias 0 (the limit of the 1×1 conv's
-    U(±1/√m)): a PreconditionedConv2d.
-    as_init: the plain learnable nn.Conv2d whose weight is that K₀/√α, from the same random
-    numbers: i.i.d. with std 1/√(3m). Where the conv feeds a BatchNorm (the loss is the same
-    for K and c·K) the two train identically, K_limit = √α·K_init at every SGD step (weight
-    decay and momentum included): the limit of frozen LC ×E is a smaller init of the plain
-    network, trained with the plain recipe. Only for i.i.d. inits: for center, E[P] is a
-    learning rate per kernel position, which no init reproduces."""
+    U(±1/√m)): a PreconditionedConv2d. as_init: the init form, the plain learnable nn.Conv2d
+    whose weight is that K₀/√α, from the same random numbers (i.i.d., std 1/√(3m)); i.i.d. inits only."""
     # float64, so that a float64 model gets K_init = K₀/√α to the last bit
     limit = PreconditionedConv2d(*args, expansion=expansion, device="meta", dtype=torch.float64).to_empty(device="cpu")
-    groups = limit.groups
-    m = limit.out_channels * expansion // groups
+    groups, m = limit.groups, limit.out_channels * expansion // limit.groups
     std = init_std(limit.weight.shape, init)
     limit.weight.normal_(0, 1).mul_(std / math.sqrt(3))
     if limit.bias is not None:
         limit.bias.zero_()
     if as_init:
-        plain = nn.Conv2d(*args, device="meta")
-        return _filled(plain, limit.weight / math.sqrt(alpha(limit, expansion)), limit.bias)
+        return _filled(nn.Conv2d(*args, device="meta"), limit.weight / math.sqrt(alpha(limit, expansion)), limit.bias)
     variance = (m * std**2).expand(limit.weight.shape[1:]).reshape(-1)  # (d,)
     limit.preconditioner.copy_(torch.diag(variance).expand(groups, -1, -1))
     return limit
@@ -565,15 +558,12 @@ def _lc_limit_conv(args, expansion, init, as_init):
 def basis_summary(model):
     """How rank-complete and well-conditioned each layer's random basis is: for every frozen
     LC-Block and PreconditionedConv2d, {name, m, d, rank, alpha, alpha_iid, spread, spread_mp},
-    each a mean over the layer's groups.
-      m = E·c_out/groups filters of d = c_in/groups·kh·kw entries per group; P = SᵀS (d × d);
-      rank = rank(P)/d = min(m, d)/d for random filters: the share of the d-dim filter
-        space that the combined filters can reach;
-      alpha = trace(P)/d, P's mean eigenvalue: the layer's effective learning-rate factor;
-        alpha_iid = m·s² = E·c_out/(3·c_in·kh·kw), its expectation for i.i.d. filters;
-      spread = largest / smallest nonzero eigenvalue of P (1 = P ∝ identity on its range);
-        spread_mp = ((1 + √q) / (1 - √q))², q = min(m, d)/max(m, d): the Marchenko-Pastur
-        prediction for i.i.d. filters, which tends to 1 as E grows.
+    each a mean over the layer's groups (m, d and P = SᵀS as in "Why it trains" above):
+      rank = rank(P)/d, min(m, d)/d for random filters: the share of filter space K can reach;
+      alpha = trace(P)/d, P's mean eigenvalue, the layer's effective learning-rate factor, and
+        alpha_iid = alpha(layer, E), its expectation for i.i.d. filters;
+      spread = largest / smallest nonzero eigenvalue of P (1 = P ∝ identity on its range), and
+        spread_mp its Marchenko-Pastur prediction for i.i.d. filters, which tends to 1 as E grows.
     The limit form (P = E[P]) has rank 1, spread 1 for i.i.d. inits."""
     summary = []
     for name, layer in spatial_layers(model):
@@ -590,8 +580,7 @@ def basis_summary(model):
         smallest = torch.where(nonzero, eigenvalues, math.inf).min(1).values
         q = min(m, d) / max(m, d)
         summary.append(dict(
-            name=name, m=m, d=d, rank=nonzero.double().mean().item(),
-            alpha=eigenvalues.mean().item(), alpha_iid=alpha(layer, layer.expansion),
-            spread=(eigenvalues[:, -1] / smallest).mean().item(),
+            name=name, m=m, d=d, rank=nonzero.double().mean().item(), alpha=eigenvalues.mean().item(),
+            alpha_iid=alpha(layer, layer.expansion), spread=(eigenvalues[:, -1] / smallest).mean().item(),
             spread_mp=((1 + q**0.5) / (1 - q**0.5)) ** 2 if q < 1 else math.inf))
     return summary

@@ -330,6 +330,104 @@ def test_convert_torchvision_models(arch, expansion):
 # -----------------------------------------------------------------------------
 # Every model, mode and kernel size builds, trains a step and keeps frozen filters gradient-free
 
+# -----------------------------------------------------------------------------
+# convert replaces plain convs only: a conv subclass with its own forward is refused, whole
+
+
+class SameConv2d(nn.Conv2d):
+    """timm-style TF 'same' padding, computed in forward from the input's size."""
+
+    def forward(self, x):
+        pads = [max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0) for size, k, s, d in
+                zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
+        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation in forward (BiT's StdConv2d)."""
+
+    def standardised(self):
+        return F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                            training=True, eps=1e-6).reshape_as(self.weight)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.standardised(), self.bias)
+
+
+class ScaledStdConv2d(StdConv2d):
+    """Weight standardisation with a learned gain per filter (NF-Nets' ScaledStdConv2d)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight * self.gain, bias)
+
+
+class InitOnlyConv2d(nn.Conv2d):
+    """Changes __init__ only (a default padding): computes as nn.Conv2d."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, **kw):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, **kw)
+
+
+def small_model(conv):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Sequential(conv, nn.BatchNorm2d(4)), nn.Conv2d(4, 2, 1))
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(name, type(m)) for name, m in model.named_modules()])
+
+
+def assert_unchanged(model, before):
+    state, types = snapshot(model)
+    assert types == before[1]
+    assert state.keys() == before[0].keys() and all(torch.equal(v, before[0][k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("expansion", [0, 4])
+@pytest.mark.parametrize("cls", [SameConv2d, StdConv2d, ScaledStdConv2d])
+def test_a_conv_subclass_with_its_own_forward_is_refused_and_nothing_replaced(cls, expansion):
+    model = small_model(cls(4, 4, 3, padding=1))
+    before = snapshot(model)
+    with pytest.raises(ValueError) as refused:
+        lcconv.convert(model, expansion=expansion)
+    assert f"3.0 is a {cls.__name__}, an nn.Conv2d subclass with its own forward" in str(refused.value)
+    assert_unchanged(model, before)
+
+
+def test_a_subclass_refused_as_the_whole_model_names_its_class():
+    with pytest.raises(ValueError, match="StdConv2d is a StdConv2d"):
+        lcconv.convert(StdConv2d(3, 4, 3), expansion=2)
+
+
+@pytest.mark.parametrize("expansion", [0, 4])
+def test_a_subclass_that_only_changes_init_converts_and_folds(expansion):
+    torch.manual_seed(0)
+    model = lcconv.convert(small_model(InitOnlyConv2d(4, 4)).double(), expansion=expansion)
+    assert type(model[3][0]) is (lcconv.LCConv2d if expansion else nn.Conv2d)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
+        assert torch.allclose(lcconv.fold(model)(x), y)
+    assert all(type(m) is nn.Conv2d for _, m in lcconv.spatial_layers(model))
+
+
+@pytest.mark.parametrize("expansion", [0, 4])
+def test_bad_padding_in_the_second_conv_is_refused_before_the_first_is_replaced(expansion):
+    model = small_model(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    before = snapshot(model)
+    with pytest.raises(ValueError) as refused:
+        lcconv.convert(model, expansion=expansion)
+    assert "only numeric zero padding is supported; 3.0 has" in str(refused.value)
+    assert_unchanged(model, before)
+
+
 MODES = {"learnable": dict(), "frozen": dict(frozen=True), "lc": dict(expansion=2),
          "lc_frozen": dict(expansion=2, frozen=True), "lc_bn_relu": dict(expansion=2, intermediate="bn_relu"),
          "center": dict(expansion=2, frozen=True, init="center"),
@@ -507,7 +605,7 @@ def train_side_by_side(nets, steps, in_channels=3, lr=0.05):
         x = torch.randn(8, in_channels, 16, 16, dtype=torch.float64, generator=generator)
         y = torch.randint(0, 10, (8,), generator=generator)
         for net, optimizer in zip(nets, optimizers):
-            train.train_step(net, optimizer, x, y, 0.1)
+            train.train_step(net, optimizer, x, y, 0.1, "fp32")
 
 
 def limit_and_init_pair(build, expansion, init):
@@ -617,7 +715,7 @@ import train  # noqa: E402
 RESULT_KEYS = ["test_acc", "train_acc", "fgsm_acc", "pgd_acc", "params_learnable", "params_total", "fve_first",
                "fve_last", "fve_first_raw", "fve_last_raw", "epoch_time_s", "peak_mem_mb", "spatial_variance",
                "train_loss", "device", "torch", "dataset", "model", "expansion", "frozen", "seed", "epochs",
-               "preconditioned", "basis"]
+               "preconditioned", "basis", "precision", "hardware", "code", "first_filters"]
 METRICS = ["test_acc", "train_acc", "fgsm_acc", "train_loss", "fve_first", "fve_last", "spatial_variance", "basis"]
 
 
@@ -931,7 +1029,7 @@ def test_lcconvs_own_checks_stop_a_run_before_anything_is_written(tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
-# train.py's CUDA path (bf16 autocast, channels_last), run on a CPU by adding it to train.FAST
+# train.py's bf16 path (autocast, channels_last), on the CPU and, where there is one, CUDA
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
@@ -942,10 +1040,9 @@ def fast_path_batch(device, generator=None, batch_size=8):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["plain", "block", "preconditioned", "limit"])
-def test_training_steps_in_bf16_and_channels_last(monkeypatch, device, form):
+def test_training_steps_in_bf16_and_channels_last(device, form):
     """train.py's own step on the plain ResNet and on frozen LC x8 in each form: finite loss,
     bf16 logits, channels_last weights, and what is fixed (the random filters S, P) bit-identical."""
-    monkeypatch.setattr(train, "FAST", ("cuda", "cpu"))
     device = torch.device(device)
     torch.manual_seed(0)
     net = lc_resnet() if form == "plain" else lc_resnet(expansion=8, frozen=True, form=form)
@@ -958,7 +1055,7 @@ def test_training_steps_in_bf16_and_channels_last(monkeypatch, device, form):
     for _ in range(3):
         x, y = fast_path_batch(device)
         assert x.is_contiguous(memory_format=torch.channels_last)
-        loss, logits = train.train_step(model, optimizer, x, y, label_smoothing=0.1)
+        loss, logits = train.train_step(model, optimizer, x, y, 0.1, "bf16")
         assert logits.dtype == torch.bfloat16 and torch.isfinite(loss), loss
     state = dict([*model.named_parameters(), *model.named_buffers()])
     for name, before in fixed.items():
@@ -969,22 +1066,22 @@ def test_training_steps_in_bf16_and_channels_last(monkeypatch, device, form):
             assert state[name].is_contiguous(memory_format=torch.channels_last), name
 
 
-def combined_filter_changes(model, device, steps=3):
+def combined_filter_changes(model, device, precision, steps=3):
     """Train model with train.py's step (on the batches every call gets) -> how much all its
     combined filters changed, flattened."""
     optimizer = train.make_optimizer(model, lr=0.1, momentum=0.9, weight_decay=0.01)
     start = torch.cat([f.flatten() for f in lcconv.combined_filters(model).values()])
     generator = torch.Generator(device).manual_seed(1)
     for _ in range(steps):
-        loss, _ = train.train_step(model, optimizer, *fast_path_batch(device, generator), label_smoothing=0.1)
+        loss, _ = train.train_step(model, optimizer, *fast_path_batch(device, generator), 0.1, precision)
         assert torch.isfinite(loss), loss
     return torch.cat([f.flatten() for f in lcconv.combined_filters(model).values()]) - start
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_preconditioned_form_tracks_the_frozen_block_in_bf16_and_channels_last(monkeypatch, device):
+def test_preconditioned_form_tracks_the_frozen_block_in_bf16_and_channels_last(device):
     """From equal weights (LCConv2d.to_preconditioned) and on equal batches, frozen LC x8 and its
-    preconditioned form on train.py's CUDA path change their combined filters alike: they
+    preconditioned form in bf16 change their combined filters alike: they
     differ by no more than bf16 makes the block differ from its own float32 run (times 2).
     bf16 alone moves these steps by about 40% here (the plain ResNet's too: at initialisation
     the weight gradients are small sums of large terms); replacing P by its mean α·I (the
@@ -999,10 +1096,8 @@ def test_preconditioned_form_tracks_the_frozen_block_in_bf16_and_channels_last(m
         setattr(preconditioned.get_submodule(parent), attr, block.to_preconditioned())
     assert all(map(torch.equal, lcconv.combined_filters(blocks).values(),
                    lcconv.combined_filters(preconditioned).values()))
-    monkeypatch.setattr(train, "FAST", ())  # train.py's float32 path, on CUDA too
-    reference = combined_filter_changes(train.to_device(float32, device), device)
-    monkeypatch.setattr(train, "FAST", ("cuda", "cpu"))
-    block, conv = (combined_filter_changes(train.to_device(m, device), device) for m in (blocks, preconditioned))
+    reference = combined_filter_changes(train.to_device(float32, device), device, "fp32")
+    block, conv = (combined_filter_changes(train.to_device(m, device), device, "bf16") for m in (blocks, preconditioned))
     bf16 = (block - reference).norm() / reference.norm()
     difference = (block - conv).norm() / conv.norm()
     assert difference < 2 * bf16, f"the forms differ by {difference:.3g}, bf16 moves the block by {bf16:.3g}"
@@ -1024,7 +1119,8 @@ def test_a_short_write_is_taken_back(tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"
     train.append_result(path, {"seed": 0})
     before = path.read_bytes()
-    monkeypatch.setattr(train, "write", lambda fd, data: os.write(fd, data[:len(data) // 2]))
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, data[:len(data) // 2]))
     with pytest.raises(OSError, match="short write"):
         train.append_result(path, {"seed": 1, "test_acc": 90.0})
     assert path.read_bytes() == before
@@ -1038,10 +1134,30 @@ def test_lines_that_are_not_json_objects_are_skipped(tmp_path):
 
 
 def test_old_result_lines_match_with_the_new_flags_at_their_defaults():
-    config = train.recipe(train.parse_args([]))
-    old = {k: v for k, v in config.items() if k not in ("preconditioned", "lc_limit", "lc_init")}
-    assert train.has_result([old], config)
-    assert not train.has_result([dict(old, preconditioned=True)], config)
+    config = train.recipe(train.parse_args(["--precision", "fp32"]))
+    old = {k: v for k, v in config.items() if k not in ("preconditioned", "lc_limit", "lc_init", "precision")}
+    gpu = "NVIDIA H100 80GB HBM3"
+    assert train.has_result([dict(old, device="cpu")], config)  # before --precision: fp32 on the CPU,
+    assert not train.has_result([dict(old, device=gpu)], config)  # bf16 on CUDA
+    assert train.has_result([dict(old, device=gpu)], dict(config, precision="bf16"))
+    assert not train.has_result([dict(old, device="cpu", preconditioned=True)], config)
+
+
+@pytest.mark.parametrize("cpu, precision", [
+    (dict(cpu_name="AMD EPYC 9B14", avx512_bf16=True, amx_bf16=False), "bf16"),
+    (dict(cpu_name="Intel Xeon", avx512_bf16=True, amx_bf16=True), "bf16"),
+    (dict(cpu_name="Intel Xeon", avx512_bf16=True, amx_bf16=False), "fp32"),  # measured slower in bf16
+    (dict(cpu_name="AMD EPYC 7B13", avx512_bf16=False, amx_bf16=False), "fp32"),  # bf16 emulated
+    (None, "fp32")])  # a torch without the check
+def test_precision_auto_is_bf16_only_where_it_is_faster(monkeypatch, cpu, precision):
+    if cpu is None:
+        monkeypatch.delattr(torch.cpu, "get_capabilities")
+    else:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: cpu)
+    args = train.parse_args(["--device", "cpu"])
+    assert args.precision == precision and train.recipe(args)["precision"] == precision
+    assert train.parse_args(["--device", "cpu", "--precision", "bf16"]).precision == "bf16"
+    assert train.parse_args(["--device", "cpu", "--precision", "fp32"]).precision == "fp32"
 
 
 def run_train(argv, **kwargs):
@@ -1077,12 +1193,13 @@ def test_a_run_killed_while_saving_its_checkpoint_resumes_to_the_uninterrupted_r
 def test_a_short_write_of_the_result_then_a_rerun_gives_exactly_one_result(tiny_data, tmp_path, monkeypatch):
     argv = tiny_args(tiny_data, tmp_path, "--checkpoint", str(tmp_path / "run.pt"))
     train.main(argv[:-2] + ["--out", str(tmp_path / "uninterrupted.jsonl")])
-    monkeypatch.setattr(train, "write", lambda fd, data: os.write(fd, data[:50]))
+    write = os.write  # the result line's write() stops after 50 bytes, as on a full disk
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, data[:50] if b'"test_acc"' in data else data))
     with pytest.raises(SystemExit) as exit:
         train.main(argv)
     assert "short write" in str(exit.value.code)
     assert (tmp_path / "results.jsonl").read_text() == ""
-    monkeypatch.setattr(train, "write", os.write)
+    monkeypatch.setattr(os, "write", write)
     train.main(argv)
     [result] = results(tmp_path)
     [uninterrupted] = results(tmp_path, "uninterrupted.jsonl")
@@ -1092,17 +1209,21 @@ def test_a_short_write_of_the_result_then_a_rerun_gives_exactly_one_result(tiny_
 def test_benchmark_prints_paired_ratios_and_flags_a_noisy_row(monkeypatch, capsys):
     configs = [("ResNet-20-16", "—", 0), ("LC-x8 frozen", "preconditioned", 8), ("LC-x2 frozen", "two convs", 2)]
     monkeypatch.setattr(train, "BENCH_CONFIGS", configs)
-    # per round: baseline, preconditioned (a steady 1.02x), two convs (2x, then 3x: noisy)
-    times = iter([100.0, 102.0, 200.0, 50.0, 51.0, 150.0, 80.0, 81.6, 160.0])
-    monkeypatch.setattr(train, "time_steps", lambda run, device, seconds: next(times))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})  # fp32 and bf16 rows
+    # per round, fp32 then bf16 of each: baseline; preconditioned (a steady 1.02x, bf16 half of fp32);
+    # two convs (2x, then 3x: noisy)
+    times = iter([100.0, 50.0, 102.0, 51.0, 200.0, 100.0] + [50.0, 25.0, 51.0, 25.5, 150.0, 75.0]
+                 + [80.0, 40.0, 81.6, 40.8, 160.0, 80.0])
+    monkeypatch.setattr(train, "time_steps", lambda run, precision, device, seconds: next(times))
     train.benchmark(train.parse_args(["--batch-size", "4"]), torch.device("cpu"), rounds=3)
     out = capsys.readouterr().out
-    rows = {line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| LC-")}
-    assert "| 1.02 [1.02–1.02] |" in rows["preconditioned"] and "noisy" not in rows["preconditioned"]
-    assert "| 2.00 [2.00–3.00] (noisy) |" in rows["two convs"]
+    rows = {tuple(line.split(" | ")[1:3]): line.split(" | ") for line in out.splitlines() if line.startswith("| LC-")}
+    assert rows["preconditioned", "fp32"][4] == "1.02 [1.02–1.02]" and rows["preconditioned", "fp32"][5] == "—"
+    assert rows["preconditioned", "bf16"][4] == "1.02 [1.02–1.02]" and rows["preconditioned", "bf16"][5] == "0.50 [0.50–0.50]"
+    assert rows["two convs", "fp32"][4] == "2.00 [2.00–3.00] (noisy)"
     assert "Do not trust them" in out
-    for line in rows.values():  # every row measured its memory in its own process
-        assert float(line.split(" | ")[4]) > 0
+    for row in rows.values():  # every row measured its memory in its own process
+        assert float(row[6]) > 0
 
 
 # -----------------------------------------------------------------------------

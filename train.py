@@ -5,8 +5,8 @@ of one of the paper's tables or figures, appended as one JSON line to --out.
 The recipe is the paper's (Appendix A): 75 epochs, SGD with Nesterov momentum 0.9, lr 0.01
 with cosine annealing, weight decay 0.01, batch 256, label smoothing 0.1, the last epoch
 evaluated. The dataset lives on the device as one uint8 tensor and is cropped and flipped
-there a batch at a time (as in airbench), so the GPU never waits for data; on CUDA the model
-runs in bf16 autocast and channels_last.
+there a batch at a time (as in airbench), so the GPU never waits for data. The model runs
+channels_last, in bf16 autocast where the device does bf16 natively (--precision).
 
     python train.py --dataset cifar10 --expansion 128 --frozen     # ResNet-LC-20-16x128, frozen
     python train.py --expansion 128 --frozen --preconditioned       # the same run as one conv per layer
@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -103,6 +104,9 @@ _add("--train-subset", type=int, help="train on the first N training images only
 _add("--fgsm-eps", type=float, default=1 / 255, help="l-inf radius on [0,1] images for FGSM/PGD (paper: 1/255)")
 _add("--pgd-steps", type=int, default=0, help="PGD steps for an extra robust accuracy; 0 = off")
 _add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+_add("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+     help="bf16 autocast or fp32; auto: bf16 where it is faster (CUDA with bf16; CPUs with AMX, or AMD's "
+          "with AVX512_BF16), else fp32")
 _add("--compile", action="store_true", help="torch.compile the model")
 _add("--out", default="results.jsonl", help="append one JSON line with config and results here")
 _add("--checkpoint", help="save after every epoch here; rerunning the same command resumes (and a finished run is done)")
@@ -173,6 +177,8 @@ def parse_args(argv=None):
     device_error = check_device(args.device)
     if device_error:
         error(device_error)
+    if args.precision == "auto":  # resolved here, so that the config says what ran
+        args.precision = "bf16" if native_bf16(pick_device(args.device)) else "fp32"
     for flag, path, kind in [("--out", args.out, "file"), ("--checkpoint", args.checkpoint, "file"),
                              ("--save-figures", args.save_figures, "directory")]:
         problem = path and unwritable(Path(path), kind)
@@ -218,25 +224,57 @@ def unwritable(path, kind):
 
 def recipe(config):
     """The part of a config (argparse namespace, or a result line) that determines the result;
-    keys a line lacks (written before they existed) take their defaults."""
+    keys a line lacks (written before they existed) take their defaults. Lines from before
+    --precision ran bf16 on CUDA and fp32 on the CPU."""
     config = vars(config) if isinstance(config, argparse.Namespace) else config
-    return {k: config.get(k, PARSER.get_default(k)) for k in CONFIG_KEYS}
+    keys = {k: config.get(k, PARSER.get_default(k)) for k in CONFIG_KEYS}
+    if "precision" not in config:
+        keys["precision"] = "fp32" if config.get("device", "cpu") == "cpu" else "bf16"
+    return keys
 
 
-FAST = ("cuda",)  # device types that run in bf16 autocast and channels_last; a test adds "cpu" to run that path
-
-
-def autocast(device):
-    """bf16 autocast on CUDA, a no-op elsewhere: the one place precision is decided."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in FAST)
+# -----------------------------------------------------------------------------
+# Device and precision: decided once, here
 
 
 def pick_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+def native_bf16(device):
+    """Whether bf16 runs faster than fp32 on the device: CUDA GPUs with bf16 units; CPUs with
+    AMX, or AMD's with AVX512_BF16. An Intel CPU with AVX512_BF16 but no AMX ran train.py's step
+    1.2x slower in bf16 (oneDNN's bf16 convs there are slower than its fp32 ones): fp32."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 counts no emulation
+            return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch.cpu, "get_capabilities", dict)()  # absent in older torch: fp32
+    return bool(cpu.get("amx_bf16") or cpu.get("avx512_bf16") and str(cpu.get("cpu_name", "")).startswith("AMD"))
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def hardware(device):
+    """The GPU's name, or the CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    return f"{cpu or platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+
+
+def code_version():
+    """A short hash of lcconv.py and train.py: which code wrote a result."""
+    here = Path(__file__).resolve().parent
+    return hashlib.sha1(b"".join((here / f).read_bytes() for f in ("lcconv.py", "train.py"))).hexdigest()[:10]
 
 
 # -----------------------------------------------------------------------------
@@ -322,9 +360,8 @@ def augment(images, generator):
 
 
 def to_input(images):
-    """uint8 (B, C, H, W) -> float [0, 1], channels_last on CUDA."""
-    x = images.float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type in FAST else x
+    """uint8 (B, C, H, W) -> float [0, 1], channels_last (faster convs on CUDA and the CPU)."""
+    return images.float().div_(255).contiguous(memory_format=torch.channels_last)
 
 
 # -----------------------------------------------------------------------------
@@ -369,9 +406,8 @@ def build_net(args):
 
 
 def to_device(model, device):
-    """The model on the device, channels_last on CUDA (faster convs with bf16)."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type in FAST else model
+    """The model on the device, channels_last."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def make_optimizer(model, lr, momentum, weight_decay):
@@ -384,8 +420,8 @@ def make_optimizer(model, lr, momentum, weight_decay):
 # Training
 
 
-def train_step(model, optimizer, x, y, label_smoothing):
-    with autocast(x.device):
+def train_step(model, optimizer, x, y, label_smoothing, precision):
+    with autocast(x.device, precision):
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
@@ -411,7 +447,7 @@ def train_epoch(model, optimizer, scheduler, data, args, epoch):
         images, y = data["train_x"][idx], data["train_y"][idx]
         if DATASETS[args.dataset]["augment"]:
             images = augment(images, generator)
-        loss, logits = train_step(model, optimizer, to_input(images), y, args.label_smoothing)
+        loss, logits = train_step(model, optimizer, to_input(images), y, args.label_smoothing, args.precision)
         scheduler.step()
         loss_sum += loss.float() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -428,17 +464,17 @@ def train_epoch(model, optimizer, scheduler, data, args, epoch):
 
 
 @torch.no_grad()
-def accuracy(model, images, labels, batch_size):
+def accuracy(model, images, labels, batch_size, precision):
     model.eval()
     correct = 0
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
         x = to_input(x)
-        with autocast(x.device):
+        with autocast(x.device, precision):
             correct += (model(x).argmax(1) == y).sum().item()
     return 100 * correct / len(labels)
 
 
-def robust_accuracy(model, images, labels, eps, steps, batch_size, seed=0):
+def robust_accuracy(model, images, labels, eps, steps, batch_size, precision, seed=0):
     """Accuracy under an l∞ attack of radius eps on [0, 1] images (before normalisation):
     FGSM for steps=1 (Goodfellow et al.), else PGD from a random start with step 2.5·eps/steps
     (Madry et al.). The attack maximises plain cross-entropy."""
@@ -455,29 +491,47 @@ def robust_accuracy(model, images, labels, eps, steps, batch_size, seed=0):
             delta = (torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1) * eps
         for _ in range(steps):
             delta.requires_grad_(True)
-            with autocast(x.device):
+            with autocast(x.device, precision):
                 loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
             grad, = torch.autograd.grad(loss, delta)
             delta = (delta + step_size * grad.sign()).clamp(-eps, eps).detach()
             bar.update(len(y))
-        with torch.no_grad(), autocast(x.device):
+        with torch.no_grad(), autocast(x.device, precision):
             correct += (model((x + delta).clamp(0, 1)).argmax(1) == y).sum().item()
     bar.close()
     return 100 * correct / len(labels)
 
 
 def filter_metrics(net):
-    """FVE of the first and last spatial layer (Fig. 5), the spatial variance (Fig. 8b) and
-    the random basis of frozen LC layers (lcconv.basis_summary)."""
+    """FVE of the first and last spatial layer (Fig. 5), the spatial variance (Fig. 8b), the
+    random basis of frozen LC layers (lcconv.basis_summary) and the first layer's filters (Fig. 7)."""
     filters = list(lcconv.combined_filters(net).values())
     if not filters:  # every conv 1×1 (--kernel-size 1): nothing to measure
-        return dict.fromkeys(("fve_first", "fve_last", "fve_first_raw", "fve_last_raw", "spatial_variance", "basis"))
+        return dict.fromkeys(("fve_first", "fve_last", "fve_first_raw", "fve_last_raw", "spatial_variance", "basis",
+                              "first_filters"))
     (first_raw, first), (last_raw, last) = map(lcconv.filter_variance_entropy, (filters[0], filters[-1]))
     variance = lcconv.spatial_variance(net)
     basis = [{k: round(v, 4) if isinstance(v, float) else v for k, v in layer.items()}
              for layer in lcconv.basis_summary(net)]
     return dict(fve_first=first, fve_last=last, fve_first_raw=first_raw, fve_last_raw=last_raw,
-                spatial_variance=[[round(v, 4) for v in row] for row in variance.tolist()], basis=basis or None)
+                spatial_variance=[[round(v, 4) for v in row] for row in variance.tolist()], basis=basis or None,
+                first_filters=first_filters(net).double().mul(1e5).round().div(1e5).tolist())
+
+
+def first_filters(net):
+    """The first layer's combined filters, as the figures show them: up to 64, RGB or the first
+    input channel, (n, 1 or 3, k, k)."""
+    shape = lcconv.spatial_variance(net).shape  # the model's kernel size: a patch stem is left out
+    filters = next(f for f in lcconv.combined_filters(net).values() if f.shape[-2:] == shape)
+    return filters[:64] if filters.shape[1] in (1, 3) else filters[:64, :1]
+
+
+def filter_grid(filters):
+    """(n, 1 or 3, k, k) filters -> an 8-wide image grid on one shared scale, 0 = grey (Fig. 7)."""
+    from torchvision.utils import make_grid
+    scale = filters.abs().max().clamp(min=1e-12).item()
+    tiles = F.interpolate(filters.cpu().float(), scale_factor=max(1, 48 // filters.shape[-1]), mode="nearest")
+    return make_grid(tiles, nrow=8, normalize=True, value_range=(-scale, scale), pad_value=1)
 
 
 def save_figures(net, directory):
@@ -487,12 +541,8 @@ def save_figures(net, directory):
     from torchvision.utils import save_image
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    save_image(filter_grid(first_filters(net)), directory / "filters.png")
     variance = lcconv.spatial_variance(net)
-    filters = next(f for f in lcconv.combined_filters(net).values() if f.shape[-2:] == variance.shape)
-    filters = filters[:64] if filters.shape[1] in (1, 3) else filters[:64, :1]  # RGB, or the first input channel
-    scale = filters.abs().max().clamp(min=1e-12)
-    tiles = F.interpolate(filters.cpu(), scale_factor=max(1, 48 // filters.shape[-1]), mode="nearest")
-    save_image(tiles, directory / "filters.png", nrow=8, normalize=True, value_range=(-scale, scale), pad_value=1)
     relative = (variance / variance.mean()).log2().clamp(-2, 2).add(2).div(4)
     heatmap = F.interpolate(relative[None, None].cpu(), scale_factor=32, mode="nearest")
     save_image(heatmap, directory / "spatial_variance.png")
@@ -555,9 +605,6 @@ def load_checkpoint(path, config, device):
     return state
 
 
-write = os.write  # one name to replace in the short-write test
-
-
 def append_result(path, result):
     """One JSON line, appended under an exclusive lock in one write(): whole beside parallel
     runs, never glued to a line a crash left unfinished, and a short write is taken back."""
@@ -569,7 +616,7 @@ def append_result(path, result):
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line  # start after the unfinished line, which read_results skips
-        if write(fd, line) != len(line):
+        if os.write(fd, line) != len(line):
             os.ftruncate(fd, size)
             raise OSError(f"short write to {path}: disk full?")
     finally:
@@ -662,17 +709,18 @@ def run(args, config, device):
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()))
 
     # the last epoch's model, as the paper evaluates it
-    bs, test = args.batch_size, (data["test_x"], data["test_y"])
+    bs, test, precision = args.batch_size, (data["test_x"], data["test_y"]), args.precision
     result = dict(vars(args))
     result.update(
-        test_acc=accuracy(compiled, *test, bs),
-        train_acc=accuracy(compiled, data["train_x"], data["train_y"], bs),
-        fgsm_acc=robust_accuracy(compiled, *test, args.fgsm_eps, 1, bs),
-        pgd_acc=robust_accuracy(compiled, *test, args.fgsm_eps, args.pgd_steps, bs, args.seed) if args.pgd_steps else None,
+        test_acc=accuracy(compiled, *test, bs, precision),
+        train_acc=accuracy(compiled, data["train_x"], data["train_y"], bs, precision),
+        fgsm_acc=robust_accuracy(compiled, *test, args.fgsm_eps, 1, bs, precision),
+        pgd_acc=robust_accuracy(compiled, *test, args.fgsm_eps, args.pgd_steps, bs, precision, args.seed)
+        if args.pgd_steps else None,
         train_loss=train_loss, params_learnable=learnable, params_total=total,
         **filter_metrics(model.net),
         epoch_time_s=sum(epoch_times) / len(epoch_times), peak_mem_mb=peak_memory_mb(device),
-        device=device_name(device), torch=torch.__version__)
+        device=device_name(device), hardware=hardware(device), torch=torch.__version__, code=code_version())
     if args.preconditioned:  # the LC-Block it trains as, counted without building it
         with torch.device("meta"):
             blocks = build_net(argparse.Namespace(**{**vars(args), "preconditioned": False}))
@@ -695,9 +743,9 @@ def run(args, config, device):
 # convs (the paper's block) and as the preconditioned conv, against the plain ResNet-20-16
 
 BENCH_CONFIGS = [("ResNet-20-16", "—", 0)] + [
-    (f"LC-x{e} frozen", path, e) for path, es in [("one conv (folded)", (1, 8, 128, 512, 8192)),
+    (f"LC-x{e} frozen", path, e) for path, es in [("one conv (folded)", (1, 128, 512, 8192)),
                                                    ("two convs", (1, 8)),
-                                                   ("preconditioned", (1, 128, 512, 8192))] for e in es]
+                                                   ("preconditioned", (128, 8192))] for e in es]
 
 
 def bench_setup(path, expansion, batch_size, device):
@@ -717,7 +765,7 @@ def bench_setup(path, expansion, batch_size, device):
     return model, optimizer, x, y
 
 
-def bench_memory(path, expansion, batch_size, device, queue):
+def bench_memory(path, expansion, precision, batch_size, device, queue):
     """In a fresh process: the peak memory of three training steps in MB, building the model
     left out. CUDA: allocated tensors; CPU: resident memory above the process's start-up."""
     try:
@@ -729,7 +777,7 @@ def bench_memory(path, expansion, batch_size, device, queue):
         else:
             Path("/proc/self/clear_refs").write_text("5")  # peak resident memory := current
         for _ in range(3):
-            train_step(model, optimizer, x, y, 0.1)
+            train_step(model, optimizer, x, y, 0.1, precision)
         queue.put(peak_memory_mb(device) if device.type == "cuda" else resident_mb(peak=True) - start)
     except (RuntimeError, MemoryError):  # out of memory
         queue.put(None)
@@ -741,59 +789,68 @@ def resident_mb(peak=False):
 
 
 def benchmark(args, device, rounds=None):
-    """Each config's step time, interleaved round by round so that drift and neighbours hit
-    them alike: the median over rounds, and the ratio to the baseline of the same round, with
-    its range over rounds. A ratio whose range exceeds 10% of it is flagged as untrustworthy."""
+    """Each config's step time in fp32 and (where native) bf16, interleaved round by round so
+    that drift and neighbours hit them alike: the median over rounds, and the ratios to the
+    baseline of the same precision and to fp32, each the median [range] of the per-round
+    ratios. A ratio whose range exceeds 10% of it is flagged as untrustworthy."""
+    precisions = ("fp32", "bf16") if native_bf16(device) else ("fp32",)
+    configs = [(*config, precision) for config in BENCH_CONFIGS for precision in precisions]
     # fresh processes for clean peak-memory counters; on CPU with large blocks mmap-ed, so
     # freed tensors go back to the OS and resident memory follows the live tensors
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     spawn = multiprocessing.get_context("spawn")
-    memory = []
-    for _, path, e in tqdm(BENCH_CONFIGS, desc="benchmark memory", disable=None, file=sys.stderr):
+    memory = {}
+    for _, path, e, precision in tqdm(configs, desc="benchmark memory", disable=None, file=sys.stderr):
         queue = spawn.Queue()
-        process = spawn.Process(target=bench_memory, args=(path, e, args.batch_size, str(device), queue))
+        process = spawn.Process(target=bench_memory, args=(path, e, precision, args.batch_size, str(device), queue))
         process.start()
         process.join()
-        memory.append(queue.get() if process.exitcode == 0 else None)
-    runs = [bench_setup(path, e, args.batch_size, device) if mb else None
-            for (_, path, e), mb in zip(BENCH_CONFIGS, memory)]
+        memory[path, e, precision] = queue.get() if process.exitcode == 0 else None
+    runs = {(path, e): bench_setup(path, e, args.batch_size, device) for _, path, e in BENCH_CONFIGS
+            if any(memory[path, e, p] for p in precisions)}
     rounds = rounds or (5 if device.type == "cuda" else 7)
-    seconds = 1.0 if device.type == "cuda" else 4.0  # per turn: long enough to average out a busy neighbour
-    times = [[] for _ in BENCH_CONFIGS]
+    seconds = 1.0 if device.type == "cuda" else 3.0  # per turn: long enough to average out a busy neighbour
+    times = {key: [] for key in memory if memory[key]}
     for _ in tqdm(range(rounds), desc="benchmark rounds", disable=None, file=sys.stderr):
-        for run, t in zip(runs, times):
-            if run:
-                t.append(time_steps(run, device, seconds))
-    print(f"Training step, batch {args.batch_size}, 32×32, {device_name(device)}, torch {torch.__version__}; "
-          f"median of {rounds} interleaved rounds; × baseline: median [range] of the per-round ratios\n")
-    print("| model | LC path | ms/step | × baseline | peak MB | × baseline |")
-    print("|---|---|---|---|---|---|")
+        for key, t in times.items():
+            t.append(time_steps(runs[key[:2]], key[2], device, seconds))
+    print(f"Training step, batch {args.batch_size}, 32×32, channels_last, {hardware(device)}, torch "
+          f"{torch.__version__}, code {code_version()}; median of {rounds} interleaved rounds; ratios: median "
+          "[range] of the per-round ratios\n")
+    print("| model | LC path | precision | ms/step | × baseline | × fp32 | peak MB | × baseline |")
+    print("|---|---|---|---|---|---|---|---|")
     noisy = []
-    for (name, path, _), t, mb in zip(BENCH_CONFIGS, times, memory):
-        if mb is None:
-            print(f"| {name} | {path} | out of memory | | | |")
+
+    def ratio(a, b):
+        ratios = [x / y for x, y in zip(a, b)]
+        r = statistics.median(ratios)
+        if max(ratios) - min(ratios) > 0.1 * r:
+            noisy.append(r)
+            return f"{r:.2f} [{min(ratios):.2f}–{max(ratios):.2f}] (noisy)"
+        return f"{r:.2f} [{min(ratios):.2f}–{max(ratios):.2f}]"
+    base = BENCH_CONFIGS[0][1:]
+    for name, path, e, precision in configs:
+        t, mb = times.get((path, e, precision)), memory[path, e, precision]
+        if not t:
+            print(f"| {name} | {path} | {precision} | out of memory | | | | |")
             continue
-        ratios = [a / b for a, b in zip(t, times[0])]
-        ratio = statistics.median(ratios)
-        flag = ""
-        if (max(ratios) - min(ratios)) > 0.1 * ratio:
-            flag = " (noisy)"
-            noisy.append(name)
-        print(f"| {name} | {path} | {statistics.median(t):.1f} | {ratio:.2f} [{min(ratios):.2f}–{max(ratios):.2f}]"
-              f"{flag} | {mb:.0f} | {mb / memory[0]:.2f} |")
+        fp32 = times.get((path, e, "fp32"))
+        print(f"| {name} | {path} | {precision} | {statistics.median(t):.1f} | {ratio(t, times[(*base, precision)])} | "
+              f"{ratio(t, fp32) if precision != 'fp32' and fp32 else '—'} | {mb:.0f} | "
+              f"{mb / memory[(*base, precision)]:.2f} |")
     if noisy:
-        print(f"\nThe ratios of {len(noisy)} row(s) spread by more than 10% over the rounds: the machine was busy. "
+        print(f"\n{len(noisy)} ratio(s) spread by more than 10% over the rounds: the machine was busy. "
               "Do not trust them; rerun on a quiet machine.")
 
 
-def time_steps(run, device, seconds):
+def time_steps(run, precision, device, seconds):
     """ms per training step: one untimed step (it absorbs the switch from the last model),
     then steps for about `seconds`, at least two."""
-    train_step(*run, 0.1)
+    train_step(*run, 0.1, precision)
     sync(device)
     start, steps = time.perf_counter(), 0
     while steps < 2 or time.perf_counter() - start < seconds:
-        train_step(*run, 0.1)
+        train_step(*run, 0.1, precision)
         steps += 1
         sync(device)
     return (time.perf_counter() - start) / steps * 1000
