@@ -1209,7 +1209,6 @@ def test_a_short_write_of_the_result_then_a_rerun_gives_exactly_one_result(tiny_
 def test_benchmark_prints_paired_ratios_and_flags_a_noisy_row(monkeypatch, capsys):
     configs = [("ResNet-20-16", "—", 0), ("LC-x8 frozen", "preconditioned", 8), ("LC-x2 frozen", "two convs", 2)]
     monkeypatch.setattr(train, "BENCH_CONFIGS", configs)
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})  # fp32 and bf16 rows
     # per round, fp32 then bf16 of each: baseline; preconditioned (a steady 1.02x, bf16 half of fp32);
     # two convs (2x, then 3x: noisy)
     times = iter([100.0, 50.0, 102.0, 51.0, 200.0, 100.0] + [50.0, 25.0, 51.0, 25.5, 150.0, 75.0]
