@@ -791,8 +791,9 @@ def resident_mb(peak=False):
 def benchmark(args, device, rounds=None):
     """Each config's step time in fp32 and bf16 (emulated on some CPUs), interleaved round by round so
     that drift and neighbours hit them alike: the median over rounds, and the ratios to the
-    baseline of the same precision and to fp32, each the median [range] of the per-round
-    ratios. A ratio whose range exceeds 10% of it is flagged as untrustworthy."""
+    baseline of the same precision and to fp32, each the median [interquartile range] of the
+    per-round ratios, so that one round a neighbour disturbed does not move it. A ratio whose
+    interquartile range exceeds 10% of it is flagged as untrustworthy."""
     precisions = ("fp32", "bf16") if device.type == "cpu" or torch.cuda.is_bf16_supported() else ("fp32",)
     configs = [(*config, precision) for config in BENCH_CONFIGS for precision in precisions]
     # fresh processes for clean peak-memory counters; on CPU with large blocks mmap-ed, so
@@ -816,18 +817,16 @@ def benchmark(args, device, rounds=None):
             t.append(time_steps(runs[key[:2]], key[2], device, seconds))
     print(f"Training step, batch {args.batch_size}, 32×32, channels_last, {hardware(device)}, torch "
           f"{torch.__version__}, code {code_version()}; median of {rounds} interleaved rounds; ratios: median "
-          "[range] of the per-round ratios\n")
+          "[interquartile range] of the per-round ratios\n")
     print("| model | LC path | precision | ms/step | × baseline | × fp32 | peak MB | × baseline |")
     print("|---|---|---|---|---|---|---|---|")
     noisy = []
 
     def ratio(a, b):
-        ratios = [x / y for x, y in zip(a, b)]
-        r = statistics.median(ratios)
-        if max(ratios) - min(ratios) > 0.1 * r:
+        low, r, high = statistics.quantiles([x / y for x, y in zip(a, b)], n=4, method="inclusive")
+        if high - low > 0.1 * r:
             noisy.append(r)
-            return f"{r:.2f} [{min(ratios):.2f}–{max(ratios):.2f}] (noisy)"
-        return f"{r:.2f} [{min(ratios):.2f}–{max(ratios):.2f}]"
+        return f"{r:.2f} [{low:.2f}–{high:.2f}]" + (" (noisy)" if high - low > 0.1 * r else "")
     base = BENCH_CONFIGS[0][1:]
     for name, path, e, precision in configs:
         t, mb = times.get((path, e, precision)), memory[path, e, precision]
@@ -839,7 +838,7 @@ def benchmark(args, device, rounds=None):
               f"{ratio(t, fp32) if precision != 'fp32' and fp32 else '—'} | {mb:.0f} | "
               f"{mb / memory[(*base, precision)]:.2f} |")
     if noisy:
-        print(f"\n{len(noisy)} ratio(s) spread by more than 10% over the rounds: the machine was busy. "
+        print(f"\n{len(noisy)} ratio(s) spread by more than 10% over most rounds: the machine was busy. "
               "Do not trust them; rerun on a quiet machine.")
 
 
