@@ -6,32 +6,32 @@
 exec "${PYTHON:-python}" "$0" "$@"
 """
 __doc__ = """\
-Reproduce the CIFAR-scale results of Gavrikov & Keuper, "The Power of Linear Combinations:
-Learning with Random Convolutions" (arXiv:2301.11360), and compare them with the paper's
-numbers in $RESULTS/REPORT.md.
+Reproduce the CIFAR-scale results of Gavrikov & Keuper, "The Power of Linear Combinations: Learning with Random
+Convolutions" (arXiv:2301.11360): the train.py runs behind its tables and figures, then $RESULTS/REPORT.md with ours
+beside the paper's numbers, and plots in $RESULTS/plots.
 
-  bash experiments.sh                     every group below, then the report
+  bash experiments.sh                     every group below, one run at a time, then the report
   bash experiments.sh kernel ablation     only these groups
-  bash experiments.sh --list [GROUP...]   print every train.py command, one per line; run nothing
-  bash experiments.sh report              write $RESULTS/REPORT.md from the finished runs
-  QUICK=1 bash experiments.sh             Table 1, Fig. 4 and the mechanism group scaled down to
-                                          Fashion-MNIST on a 2-core CPU (a 5k-image subset,
-                                          5 epochs, one seed; no k = 9 part in mechanism)
-  QUICK=1 bash experiments.sh length      the same 100 SGD steps beside 1,175 on all 60k images
-  QUICK=1 bash experiments.sh kernel      matched m/d across k = 3 ... 9 at the QUICK scale
+  bash experiments.sh --list [GROUP...]   the train.py commands, one per line; run nothing. Many GPUs: SLURM, or
+                                          parallel -j 4 'CUDA_VISIBLE_DEVICES=$(({%} - 1)) {}' < runs.txt
+  bash experiments.sh report              rebuild $RESULTS/REPORT.md and its plots from the results
+  SEEDS=0 bash experiments.sh recipe      the paper's recipe on all 60,000 Fashion-MNIST images, for a CPU:
+                                          75 epochs, and 5 and 15 (EPOCHS and TRAIN_SUBSET do not apply)
+  QUICK=1 bash experiments.sh             Table 1, Fig. 4 and the mechanism group on a 2-core CPU: Fashion-MNIST,
+                                          its first 5,000 images, 5 epochs (100 SGD steps)
+  QUICK=1 SEEDS="0 1 2" bash experiments.sh length    the 100-step comparison at E = 128, 3 seeds
 
-Settings, from the environment (paper's defaults):
-  SEEDS="0 1 2 3"   EPOCHS=75   DATASETS="cifar10 cifar100 svhn fashionmnist" (groups keep only
-  runs on these)   DATA_DIR=./data   RESULTS=results   TRAIN_ARGS="" (added to every run and
-  overriding it, e.g. "--train-subset 5000")   GPUS="" (e.g. "0 1 2 3": one run per GPU at a time)
-  PYTHON=python   QUICK=1 also trains on the first 5,000 images only (TRAIN_SUBSET=5000)
+Settings, from the environment (paper's defaults): SEEDS="0 1 2 3"  EPOCHS=75  DATASETS="cifar10 cifar100 svhn
+fashionmnist" (groups keep only runs on these)  DATA_DIR=./data  RESULTS=results  TRAIN_SUBSET="" (train on the
+first N images)  TRAIN_ARGS="" (added to every run, overriding it)  PYTHON=python. QUICK=1 makes the defaults
+SEEDS=0 EPOCHS=5 DATASETS=fashionmnist TRAIN_SUBSET=5000 RESULTS=results-quick.
 
-A run whose config already has a line in $RESULTS/results.jsonl is skipped; an interrupted run
-resumes from its checkpoint in $RESULTS/checkpoints. A failed run (or report) is reported and the
-others go on; the exit status is 1 if any failed.
-
-The file is a Python program: bash only runs its first lines, which start Python on it.
+A run appends a JSON line to $RESULTS/<dataset>-<epochs>ep.jsonl (-<N> added for a subset of N images): a small
+file per training setting, kept in git. A run whose config has a line there is skipped; an interrupted one resumes
+from $RESULTS/checkpoints; a failed run (or report) is reported, the others go on and the exit status is 1. The
+report reads every *.jsonl in $RESULTS. This file is a Python program: bash runs its first lines, which start Python.
 """
+import collections
 import contextlib
 import functools
 import hashlib
@@ -44,9 +44,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MISSING = None  # the module this Python lacks: --help works without it, all else says what to install
@@ -61,7 +61,7 @@ except ModuleNotFoundError as e:
 # Settings: the environment, with the paper's defaults; QUICK=1 scales them to a 2-core CPU
 
 DEFAULTS = dict(SEEDS="0 1 2 3", EPOCHS="75", DATASETS="", DATA_DIR="./data",  # DATASETS: all of train.py's
-                RESULTS="results", TRAIN_ARGS="", GPUS="", PYTHON="python", TRAIN_SUBSET="")
+                RESULTS="results", TRAIN_ARGS="", PYTHON="python", TRAIN_SUBSET="")
 QUICK_DEFAULTS = dict(SEEDS="0", EPOCHS="5", DATASETS="fashionmnist", RESULTS="results-quick", TRAIN_SUBSET="5000")
 
 
@@ -71,36 +71,16 @@ def die(message):
     sys.exit(2)
 
 
-@dataclass
-class Settings:
-    quick: bool
-    seeds: list
-    epochs: str
-    train_subset: str  # "" = the whole training set
-    datasets: list
-    data_dir: str
-    results: str  # as given: the commands use it verbatim
-    train_args: str
-    gpus: list
-    python: str
-    env: dict  # the environment the runs get
-
-    @property
-    def main(self):  # the dataset of the one-dataset figures
-        return "fashionmnist" if self.quick else "cifar10"
-
-
 def read_settings(env):
     quick = env.get("QUICK", "0") == "1"
-
     def get(name):  # as bash's ${NAME:-default}: unset or empty takes the default
         return env.get(name) or (quick and QUICK_DEFAULTS.get(name)) or DEFAULTS[name]
-
-    s = Settings(quick, get("SEEDS").split(), get("EPOCHS"), get("TRAIN_SUBSET"),
-                 get("DATASETS").split() or list(train.DATASETS),
-                 get("DATA_DIR"), get("RESULTS"), get("TRAIN_ARGS"), get("GPUS").split(), get("PYTHON"), dict(env))
-    unknown = [d for d in s.datasets if d not in train.DATASETS]
-    if unknown:
+    s = types.SimpleNamespace(  # results: as given, the commands use it verbatim; env: what the runs get
+        quick=quick, seeds=get("SEEDS").split(), epochs=get("EPOCHS"), train_subset=get("TRAIN_SUBSET"),
+        datasets=get("DATASETS").split() or list(train.DATASETS), data_dir=get("DATA_DIR"), results=get("RESULTS"),
+        train_args=get("TRAIN_ARGS"), python=get("PYTHON"), env=dict(env),
+        main="fashionmnist" if quick else "cifar10")  # the dataset of the one-dataset figures
+    if unknown := [d for d in s.datasets if d not in train.DATASETS]:
         die(f"DATASETS has {' '.join(unknown)}; datasets: {' '.join(train.DATASETS)}")
     try:
         shlex.split(s.train_args)
@@ -110,7 +90,59 @@ def read_settings(env):
 
 
 # -----------------------------------------------------------------------------
-# Report helpers: results are dicts with every config key, checked when loaded; select and summarise them
+# Groups: each one's runs (train.py flags without seed and paths; a config in several groups, written identically,
+# runs once) and the tables that read their results. A table cell holds the runs whose config is exactly
+# default_config(model) updated by the report part's setting and precision, the dataset, the table's base, the row's
+# keys and the column's, every seed: runs of another value of any flag (one added to train.py later too) stay out.
+
+# config: keys beyond the row's, as a dict, a list of dicts (their runs pooled) or a function of the row's keys
+# giving either; minus: for a gain column, the keys whose mean metric it subtracts
+Column = collections.namedtuple("Column", "config metric minus", defaults=("test_acc", None))
+
+
+@dataclass(eq=False)  # a table is its own key: the report draws figures from some
+class Table:
+    title: str  # what it shows, and the paper's table or figure
+    row_name: str  # the first column's header
+    rows: dict  # row label -> its keys
+    columns: dict  # column label -> Column
+    base: dict = field(default_factory=dict)  # keys every run of it has beyond default_config(model)
+    found: str = ""  # what the paper found (or we ask), one fixed line
+    paper: dict = field(default_factory=dict)  # row label -> {column label: the paper's number}, beside ours
+    paper_dataset: str = None  # the dataset of the paper's numbers; None: the rows say it
+    spans: bool = False  # rows are schedules: it reads runs of every setting (the rest the paper's)
+    min_rows: int = 2  # rows with a number of ours that it takes to show the table
+    plot: str = None  # the figure drawn from it (a key of FIGURES)
+
+
+Group = collections.namedtuple("Group", "name figure configs tables")  # figure: what it shows, for --help
+GROUPS = {}  # name -> Group, in the order a whole sweep runs them
+
+
+def group(name, figure, *tables):
+    """Registers the function it is given (settings -> configs) as a group with these tables."""
+    def register(configs):
+        GROUPS[name] = Group(name, figure, configs, tables)
+        return configs
+    return register
+
+
+def flags(*words):
+    """train.py flags from words and numbers: flags("--expansion", 8) -> ["--expansion", "8"]."""
+    return [str(w) for w in words]
+
+
+def pair(*words):  # the config with learnable and with frozen spatial filters
+    return [flags(*words), flags(*words, "--frozen")]
+
+
+def limit(e, **keys):  # the plain model trained as frozen LC xE's large-E limit
+    return dict(expansion=0, frozen=False, lc_limit=e, **keys)
+
+
+def lc_init(e):  # the plain model started at that limit's filters
+    return dict(expansion=0, frozen=False, lc_init=e)
+
 
 PAPER_TABLE1 = {  # baseline, LC learnable x128, LC frozen x128
     "cifar10": ("91.60 ± 0.23", "91.39 ± 0.29", "91.89 ± 0.10"),
@@ -122,21 +154,346 @@ PAPER_TABLE3 = {  # frozen, learnable; ResNet-LC-20-16x64 on CIFAR-10
     "none": ("91.71 ± 0.08", "91.18 ± 0.10"), "relu": ("92.78 ± 0.31", "93.38 ± 0.15"),
     "bn": ("91.50 ± 0.15", "91.06 ± 0.23"), "bn_relu": ("93.26 ± 0.18", "94.72 ± 0.16"),
 }
+EXPANSIONS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # Fig. 4
+LC_EXPANSIONS = (1, 2, 4, 8, 16, 32, 64, 128)          # Fig. 8, the init study
+KERNEL_SIZES = (3, 5, 7, 9)                            # Fig. 7-9
+CONVMIXER_EXPANSIONS = (1, 8, 64)
+OFF_THE_SHELF = ("resnet", "convmixer", "resnet18", "resnet50", "mobilenet_v2")  # Fig. 1
+INIT_STUDY = ("kaiming_uniform", "center")             # the paper's init vs our centre-weighted one
+LARGE_KERNEL = 9                                       # the paper's worst kernel size
+MATCHED = {3: 16, 5: 44, 7: 87, 9: 144}  # E ∝ k²: m/d ≈ 1.78 in the convs of equal width, ∝ E/k² in all
+FROZEN, PRECONDITIONED = dict(frozen=True), dict(frozen=True, preconditioned=True)
+LC_128, FROZEN_128 = dict(expansion=128), dict(expansion=128, frozen=True)
+LEARNABLE_FROZEN = {"learnable": Column({}), "frozen": Column(FROZEN)}
+
+
+group("table1", "Table 1: baseline vs LC x128 learnable vs frozen, four datasets", Table(
+    "Table 1: ResNet-20-16 vs ResNet-LC-20-16x128, test accuracy %", "dataset",
+    {ds: dict(dataset=ds) for ds in PAPER_TABLE1},
+    {"baseline": Column({}), "LC learnable": Column(LC_128), "LC frozen": Column(FROZEN_128)}, min_rows=1,
+    paper={ds: dict(zip(("baseline", "LC learnable", "LC frozen"), p)) for ds, p in PAPER_TABLE1.items()},
+    found="Paper (4 seeds): frozen LC x128 beats learnable LC x128 everywhere, at most 0.02 below the baseline."))(
+    lambda s: (c for ds in PAPER_TABLE1 for c in [flags("--dataset", ds), *pair("--dataset", ds, "--expansion", 128)]))
+
+
+@group("expansion", "Fig. 4 (accuracy, params, FGSM) and Fig. 5 (FVE): E = 1 ... 512", Table(
+    "Fig. 4 and 5: ResNet-LC-20-16xE, learnable parameters, test and FGSM accuracy %, FVE of the first and last "
+    "spatial layer", "E (0: no LC)", {e: dict(expansion=e) for e in (0, *EXPANSIONS)},
+    {f"{name}, {kind}": Column(config, metric) for name, metric in [
+        ("params", "params_learnable"), ("test acc", "test_acc"), ("FGSM", "fgsm_acc"), ("FVE first", "fve_first"),
+        ("FVE last", "fve_last")] for kind, config in (("frozen", FROZEN), ("learnable", {}))}, min_rows=3,
+    plot="expansion", found="Paper: frozen beats learnable from E = 8 and the baseline (E = 0) at E = 128, then "
+    "declines slightly; its FGSM accuracy rises with E, above both; its FVE stays above theirs."))
+def expansion_runs(s):
+    yield flags("--dataset", s.main)
+    for e in (1, 4, 16, 64, 128) if s.quick else EXPANSIONS:
+        yield from pair("--dataset", s.main, "--expansion", e)
+
+
+def scaling(key, sizes, figure, found):
+    """Fig. 6: frozen vs learnable at E = 1 as one size of the ResNet grows."""
+    group(key, f"{figure}: {key} = {sizes[0]} ... {sizes[-1]}, E = 1", Table(
+        f"{figure}: {key}, E = 1, test accuracy %", key, {x: {key: x} for x in sizes}, LEARNABLE_FROZEN,
+        base=dict(expansion=1), found=found))(
+        lambda s: (c for x in sizes for c in pair("--dataset", s.main, "--expansion", 1, f"--{key}", x)))
+
+
+scaling("width", (16, 32, 64, 128, 256), "Fig. 6a", "Paper: frozen catches up as W grows; break-even at W ≈ 128.")
+scaling("depth", (20, 32, 56, 110, 164, 260), "Fig. 6b", "Paper: frozen catches up as D grows; break-even at D ≈ 260.")
+
+
+@group("kernel", "Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones; matched m/d", Table(
+    "Fig. 8a: kernel size k and E, test accuracy %", "k, spatial filters",
+    {f"{k}, {kind}": dict(kernel_size=k, frozen=kind == "frozen") for k in KERNEL_SIZES
+     for kind in ("learnable", "frozen")},
+    {"no LC": Column(dict(expansion=0)), **{f"E = {e}": Column(dict(expansion=e)) for e in LC_EXPANSIONS}},
+    found="Paper: the frozen-vs-learnable gap grows with k and shrinks with E.", min_rows=3),
+    Table(  # P depends on E and k only through m/d: is the gap of Fig. 8a a function of m/d?
+        "Beyond the paper: kernel sizes at matched m/d = E·c_out/(c_in·k²), test accuracy %", "k (E, m/d)",
+        {f"{k} (E = {e}, m/d {e / k**2:.2f})": dict(kernel_size=k, expansion=e) for k, e in MATCHED.items()},
+        {"baseline": Column(dict(expansion=0)), "frozen LC, preconditioned": Column(PRECONDITIONED),
+         "learnable LC": Column({}), "gap": Column({}, minus=PRECONDITIONED)},
+        found="Not in the paper. Our hypothesis: the frozen-vs-learnable gap of Fig. 8a depends on m/d alone."))
+def kernel_runs(s):  # QUICK runs only the matched m/d part
+    for k in KERNEL_SIZES:
+        yield flags("--dataset", s.main, "--kernel-size", k)
+        for e in [] if s.quick else LC_EXPANSIONS:
+            yield from pair("--dataset", s.main, "--kernel-size", k, "--expansion", e)
+        e = MATCHED[k]  # frozen in the preconditioned form at every k: the folded one is slow at k = 9
+        if s.quick or e not in LC_EXPANSIONS:  # else the grid has it
+            yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e)
+        yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e, "--frozen", "--preconditioned")
+
+
+group("ablation", "Table 3: an op between the LC-Block's two convs, E = 64", Table(
+    "Table 3: ResNet-LC-20-16x64, an op between the LC-Block's two convs, test accuracy %", "intermediate",
+    {op: dict(intermediate=op) for op in PAPER_TABLE3}, LEARNABLE_FROZEN, base=dict(expansion=64),
+    paper={op: dict(frozen=f, learnable=l) for op, (f, l) in PAPER_TABLE3.items()}, paper_dataset="cifar10",
+    found="Paper (CIFAR-10): BN + ReLU between the two convs helps learnable LC most."))(
+    lambda s: (c for op in PAPER_TABLE3 for c in pair("--dataset", s.main, "--expansion", 64, "--intermediate", op)))
+
+
+group("offtheshelf", "Fig. 1: do nets with 1x1 convs after their spatial convs tolerate random filters?", Table(
+    "Fig. 1: off-the-shelf models, learnable vs frozen random spatial convs, test accuracy %", "model",
+    {m: dict(model=m) for m in OFF_THE_SHELF},
+    {**LEARNABLE_FROZEN, "drop": Column({}, minus=FROZEN)}, found="Paper (CIFAR-10): nets with 1×1 convs after their "
+    "spatial convs (ResNet-50, MobileNet v2) lose 1.6–1.9 points; Basic-Block nets (ResNet-18, -20) at least 16."))(
+    lambda s: (c for model in OFF_THE_SHELF for c in pair("--dataset", s.main, "--model", model)))
+
+
+@group("convmixer", "beyond the paper: the large-kernel gap in ConvMixer-256/8", Table(
+    "Beyond the paper: ConvMixer-256/8, kernel size, test accuracy %", "k",
+    {k: dict(kernel_size=k) for k in KERNEL_SIZES},
+    {**LEARNABLE_FROZEN, **{f"LC x{e} frozen": Column(dict(expansion=e, frozen=True)) for e in CONVMIXER_EXPANSIONS}},
+    base=dict(model="convmixer"), found="Not in the paper, which finds the large-kernel gap in ResNets (Fig. 8a)."))
+def convmixer_runs(s):
+    for k in KERNEL_SIZES:
+        yield from pair("--dataset", s.main, "--model", "convmixer", "--kernel-size", k)
+        for e in CONVMIXER_EXPANSIONS:
+            yield flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", k, "--expansion", e, "--frozen")
+
+
+def init_table(name, model, es, limits=()):  # limits: frozen LC's limit too, the mechanism group's k = 9 runs
+    return Table(
+        f"Beyond the paper: a centre-weighted init for {name}, k = {LARGE_KERNEL}", "spatial filters",
+        {"learned, no LC": {}, "frozen, no LC": FROZEN, **{f"frozen LC x{e}": dict(FROZEN, expansion=e) for e in es}},
+        {**{f"test acc, {i}": Column(dict(init=i)) for i in INIT_STUDY},
+         **{f"its limit, {i}": Column(lambda row, i=i: limit(row.get("expansion", 0), init=i)) for i in limits},
+         **{f"centre/ring, {i}": Column(dict(init=i), "centre_ring") for i in INIT_STUDY}},
+        base=dict(model=model, kernel_size=LARGE_KERNEL),
+        found="The paper's open question: would more variance in the kernel centre close the large-kernel gap?")
+
+
+@group("init", "beyond the paper, its open question: does a centre-weighted init close the k = 9 gap?",
+       init_table("ResNet-LC-20-16", "resnet", (*LC_EXPANSIONS, 512), INIT_STUDY),
+       init_table("ConvMixer-256/8", "convmixer", CONVMIXER_EXPANSIONS))
+def init_runs(s):
+    large = flags("--dataset", s.main, "--kernel-size", LARGE_KERNEL)  # written as in the mechanism group
+    convmixer = flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", LARGE_KERNEL)
+    yield from [large, convmixer]
+    for i in INIT_STUDY:
+        yield from (flags(*large, "--expansion", e, "--frozen", "--init", i) for e in LC_EXPANSIONS)
+        yield convmixer + ["--frozen", "--init", i]
+        yield from (convmixer + flags("--expansion", e, "--frozen", "--init", i) for e in CONVMIXER_EXPANSIONS)
+
+
+# A frozen LC-Block trains as one conv with its gradient times the fixed P = SᵀS of its filters (--preconditioned);
+# for m = E·c_out ≫ d = c_in·k², P → α·I, a plain conv (--lc-limit E), under BatchNorm a smaller init (--lc-init E).
+MECHANISM_E = dict(frozen=EXPANSIONS, learnable=EXPANSIONS, limit=EXPANSIONS + (2048, 8192, 32768),
+                   init=EXPANSIONS + (2048, 8192, 32768), preconditioned=(8, 128, 512, 2048, 8192, 32768),
+                   large_kernel=(8, 64, 512))
+# QUICK: frozen, learnable LC as in the expansion group; past E = 128 preconditioned, at the plain ResNet's cost
+MECHANISM_QUICK_E = dict(frozen=(4, 128), learnable=(4, 128), limit=(4, 128, 512, 2048), init=(4, 128, 2048),
+                         preconditioned=(128, 512, 2048), large_kernel=())
+MECHANISM_ROWS = {e: dict(expansion=e) for e in (0, *sorted({*MECHANISM_E["limit"], *MECHANISM_E["preconditioned"]}))}
+
+
+@group("mechanism", "why it works (beyond the paper): frozen LC xE vs its large-E limit, E = 1 ... 32768", Table(
+    "Why it works: frozen LC xE vs its large-E limit, test accuracy %", "E (0: no LC)", MECHANISM_ROWS,
+    {"frozen LC": Column(FROZEN), "preconditioned": Column(PRECONDITIONED), "learnable LC": Column({}),
+     "limit": Column(lambda row: limit(row["expansion"])), "init": Column(lambda row: lc_init(row["expansion"]))},
+    min_rows=3,
+    found="Not in the paper. *preconditioned*: frozen LC trained as one conv with its gradient times P; *limit*: "
+          "`--lc-limit E`, P = α·I; *init*: `--lc-init E`, the limit under BatchNorm."), Table(
+    "The random basis of frozen LC xE: lcconv.basis_summary over its spatial layers, folded and preconditioned runs "
+    "pooled", "E", {e: dict(expansion=e, frozen=True) for e in MECHANISM_ROWS if e},
+    {label: Column([{}, dict(preconditioned=True)], metric) for label, metric in [
+        ("rank/d, smallest", "rank"), ("α, smallest", "alpha_min"), ("α, largest", "alpha_max"),
+        ("spread of P, largest", "spread"), ("Marchenko-Pastur", "spread_mp")]},
+    found="Not in the paper; its reviewers asked how rank-complete the random basis is."))  # k = 9: the init tables
+def mechanism_runs(s):
+    es, ds = MECHANISM_QUICK_E if s.quick else MECHANISM_E, s.main
+    yield flags("--dataset", ds)
+    for kind, flag, *rest in [("frozen", "--expansion", "--frozen"), ("limit", "--lc-limit"), ("init", "--lc-init"),
+                              ("learnable", "--expansion"), ("preconditioned", "--expansion", "--frozen",
+                                                             "--preconditioned")]:
+        yield from (flags("--dataset", ds, flag, e, *rest) for e in es[kind])
+    large = flags("--dataset", ds, "--kernel-size", LARGE_KERNEL)  # written as in the init group
+    yield from [large] * bool(es["large_kernel"])
+    for i, e in [(i, e) for i in INIT_STUDY for e in es["large_kernel"]]:
+        yield flags(*large, "--expansion", e, "--frozen", "--init", i)
+        yield flags(*large, "--lc-limit", e, "--init", i)
+
+
+# Over time: does the gain fade as training forgets the init, or does the early phase pick a solution that the long
+# run keeps? Rows are schedules, the rest of the setting the paper's.
+SCHEDULES = {f"{n} epochs": dict(epochs=n) for n in (5, 15, 75)}
+
+
+def length_table(ds, kinds, rows=SCHEDULES, fgsm=(), **keys):
+    """Test accuracy by schedule: the baseline, then each kind and its gain over the baseline; FGSM of some."""
+    columns = {"baseline": Column({})}
+    for label, config in kinds.items():
+        columns[label], columns[f"gain, {label}"] = Column(config), Column(config, minus={})
+    columns.update({f"FGSM {label}": Column(kinds.get(label, {}), "fgsm_acc") for label in fgsm})
+    return Table(f"The length axis on {ds}: {', '.join(kinds)} against the baseline, test accuracy %", "schedule",
+                 rows, columns, base=dict(dataset=ds), spans=True, **keys)
+
+
+LENGTH_FASHIONMNIST = length_table(  # its first row: the QUICK length group's 100 SGD steps
+    "fashionmnist", {"frozen LC x128": FROZEN_128, "preconditioned x128": dict(FROZEN_128, preconditioned=True),
+                     "--lc-init 128": lc_init(128)}, {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000),
+    **SCHEDULES}, fgsm=("baseline", "frozen LC x128", "--lc-init 128"),
+    found="Paper: at 75 epochs only, frozen LC x128 +0.00 over the baseline (Table 1).", min_rows=1, plot="length")
+
+
+@group("recipe", "the paper's recipe on all of Fashion-MNIST, for a CPU: 75 epochs, and 5 and 15", Table(
+    "Table 1, Fashion-MNIST, at the paper's recipe (75 epochs, all 60,000 images), test accuracy %", "model",
+    {"baseline": {}, "LC learnable x128": LC_128, "LC frozen x128": FROZEN_128, "--lc-init 128": lc_init(128)},
+    {"ours": Column({})}, base=dict(dataset="fashionmnist"), spans=True, min_rows=1,
+    paper={label: dict(ours=p) for label, p in zip(("baseline", "LC learnable x128", "LC frozen x128"),
+                                                  PAPER_TABLE1["fashionmnist"])},
+    found="Paper (4 seeds): frozen LC x128 ties the baseline; learnable LC x128 is 0.21 below."), LENGTH_FASHIONMNIST)
+def recipe_runs(s):  # its own schedules on all 60,000 images: EPOCHS and TRAIN_SUBSET do not apply
+    for epochs in (75, 5, 15):
+        for kind in [[], ["--expansion", 128, "--frozen"], ["--expansion", 128], ["--lc-init", 128]]:
+            if epochs == 75 or kind != ["--expansion", 128]:  # learnable LC at the paper's length only
+                yield flags("--dataset", "fashionmnist", "--epochs", epochs, *kind)
+
+
+@group("length", "why it works over time (beyond the paper): E = 4, 128, 2048 at 5, 15 and EPOCHS epochs; QUICK: "
+       "its 100-step runs at E = 128", LENGTH_FASHIONMNIST, *(length_table(  # past E = 128 frozen LC preconditioned
+           "cifar10", {f"frozen LC x{e}": dict(expansion=e, frozen=True, preconditioned=e > 128), "limit": limit(e),
+                       "init": lc_init(e), "learnable LC": dict(expansion=e)},
+           found="Not in the paper, which trains 75 epochs.") for e in (4, 128, 2048)))
+def length_runs(s):
+    if s.quick:  # the settings' schedule (QUICK's 100 SGD steps), to be run with more seeds
+        yield from (flags("--dataset", s.main, *kind) for kind in [[], ["--expansion", 128, "--frozen"],
+                    ["--expansion", 128, "--frozen", "--preconditioned"], ["--lc-init", 128]])
+        return
+    for schedule in [flags("--epochs", 5), flags("--epochs", 15), []]:  # []: EPOCHS
+        yield flags("--dataset", s.main, *schedule)
+        for e in (4, 128, 2048):
+            preconditioned = ["--preconditioned"] if e > 128 else []
+            yield flags("--dataset", s.main, "--expansion", e, "--frozen", *preconditioned, *schedule)
+            for kind in ("--lc-init", "--lc-limit", "--expansion"):
+                yield flags("--dataset", s.main, kind, e, *schedule)
+
+
+QUICK_GROUPS = ("table1", "expansion", "mechanism")
+TABLES = list(dict.fromkeys(t for g in GROUPS.values() for t in g.tables))  # each once, in the groups' order
+
+# -----------------------------------------------------------------------------
+# Runs: each config on the chosen datasets, once per seed, with its paths
+
+Run = collections.namedtuple("Run", "group argv out checkpoint log")  # argv: train.py's; out: its results file
+
+
+def runs_of(groups, s):
+    """The groups' runs, each config once (groups share some), in its first group."""
+    runs = {}
+    for group, config in [(group, config) for group in groups for config in group.configs(s)]:
+        if config[config.index("--dataset") + 1] not in s.datasets:
+            continue
+        text = " ".join(config)
+        # the settings' schedule, unless the config brings its own (--epochs and all images)
+        epochs = [] if "--epochs" in config else flags("--epochs", s.epochs)
+        subset = flags("--train-subset", s.train_subset) if epochs and s.train_subset else []
+        for seed in s.seeds:
+            # names as the bash version made them: flags without dashes, and 8 hex digits of the md5 of the
+            # recipe's text (`md5sum <<<"..."` hashed a trailing newline too)
+            hashed = f"{' '.join([text, '--seed', seed, *epochs])} {' '.join(subset + [s.train_args]).strip()}\n"
+            digest = hashlib.md5(hashed.encode()).hexdigest()[:8]
+            name = f"{text.replace('--', '').replace(' ', '_')}_seed_{seed}-{digest}"
+            recipe, extra = [*config, "--seed", seed, *epochs, *subset], shlex.split(s.train_args)
+            args = train.PARSER.parse_args(recipe + extra)  # the schedule after TRAIN_ARGS; a bad flag: exit 2
+            setting = f"{args.dataset}-{args.epochs}ep" + f"-{args.train_subset}" * bool(args.train_subset)
+            out, checkpoint = f"{s.results}/{setting}.jsonl", f"{s.results}/checkpoints/{name}.pt"
+            argv = [*recipe, "--data-dir", s.data_dir, "--out", out, "--checkpoint", checkpoint,
+                    "--save-figures", f"{s.results}/figures/{name}", "--skip-finished", *extra]
+            runs.setdefault(json.dumps(vars(args)), Run(group.name, argv, out, checkpoint, f"{s.results}/logs/{name}.log"))
+    return list(runs.values())
+
+
+def unfinished(runs):
+    """The runs without a line in their results file yet, with their arguments: the sweep's skip check (train.py's
+    --skip-finished asks again, for a second sweep on the same RESULTS)."""
+    done, todo = {}, []
+    for run in runs:
+        args = train.parse_args(run.argv)  # a bad SEEDS, EPOCHS or TRAIN_ARGS: one line, exit 2
+        if run.out not in done:
+            done[run.out] = {json.dumps(train.recipe(r), sort_keys=True) for r in train.read_results(run.out)}
+        if json.dumps(train.recipe(args), sort_keys=True) not in done[run.out]:
+            todo.append((run, args))
+    return todo
+
+
+# -----------------------------------------------------------------------------
+# The plan: runs and estimated GPU-hours per group
+
+REFERENCE_SECONDS = 90  # one 75-epoch ResNet-20-16 run on CIFAR-10 on one H100 (the project's speed goal)
+
+
+def step_flops(args, cache={}):
+    """FLOPs of one training step: 3× the forward (backward ≈ 2× forward; torch's counter overcounts grouped-conv
+    backward), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    key = json.dumps({k: v for k, v in train.recipe(args).items() if k != "seed"})
+    if key not in cache:
+        with torch.device("meta"):
+            net = train.build_net(args)
+            x = torch.empty(args.batch_size, train.DATASETS[args.dataset]["channels"], 32, 32)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(x)
+        cache[key] = 3 * counter.get_total_flops()
+    return cache[key]
+
+
+def run_flops(args):
+    """Training plus evaluation (test, FGSM, train accuracy) FLOPs of one run."""
+    data = train.DATASETS[args.dataset]
+    n_train = min(data["train_images"], args.train_subset or math.inf)
+    evaluation = (n_train + 5 * data["test_images"] + 3 * args.pgd_steps * data["test_images"]) / 3
+    return step_flops(args) / args.batch_size * (n_train * args.epochs + evaluation)
+
+
+def print_plan(runs, todo):
+    hours = REFERENCE_SECONDS / run_flops(train.parse_args(["--dataset", "cifar10"])) / 3600  # per FLOP
+    rows = [(g, sum(r.group == g for r in runs), [a for r, a in todo if r.group == g])
+            for g in dict.fromkeys(r.group for r in runs)]
+    print("| group | runs | to run | est. GPU-hours to run |\n|---|---|---|---|")
+    for g, n, args in rows + [("all", len(runs), [a for _, a in todo])]:
+        print(f"| {g} | {n} | {len(args)} | {sum(map(run_flops, args)) * hours:.1f} |")
+    print(f"\nGPU-hours are estimates: FLOPs relative to a 75-epoch ResNet-20-16 run taken as {REFERENCE_SECONDS} s "
+          "on one H100." + ("" if torch.cuda.is_available() else " There is no GPU here: a CPU is far slower."))
+
+
+# -----------------------------------------------------------------------------
+# Running: one run at a time
+
+
+def run_one(run, s):
+    """-> whether the run succeeded; its output goes to its log, its last line here."""
+    Path(run.log).parent.mkdir(parents=True, exist_ok=True)
+    with open(run.log, "a") as log:  # append: a rerun after a failure (or a second sweep's wait) adds to it
+        process = subprocess.run([s.python, "train.py", *run.argv], stdout=log, stderr=subprocess.STDOUT, env=s.env)
+    last = (Path(run.log).read_text(errors="replace").splitlines() or [""])[-1]
+    if process.returncode:
+        print(f"  FAILED (exit {process.returncode}): {last}  [{run.log}]")
+        return False
+    print(f"  done: {last}")
+    Path(run.checkpoint).unlink(missing_ok=True)  # the run is finished; checkpoints of large E are large
+    return True
+
+
+# -----------------------------------------------------------------------------
+# The report: every usable line of every results file, in one part per (training setting,
+# precision), every table rendered by one function, then the figures
+
 # a run's training and evaluation setting: the report has a part for each one it finds
 SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps",
            "pgd_steps")
-METRICS = ("test_acc", "fgsm_acc", "fve_first", "fve_last", "params_learnable")  # the numbers the report reads
-BASIS = ("rank", "alpha", "spread", "spread_mp")  # what it reads of each layer's random basis
+FORMATS = dict(params_learnable="{:,.0f}", spread="{:.3g}", spread_mp="{:.3g}")  # else "{:.2f}"
+Cell = collections.namedtuple("Cell", "text value")  # value: the mean (or gain) a figure draws
 
 
-def number(x):
-    """x if it is a finite number, else None (a JSON line can hold NaN, Infinity or "81.5")."""
+def number(x):  # x if it is a finite number, else None (a JSON line can hold NaN, Infinity or "81.5")
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def unusable(r):
-    """Why the report cannot use a result line (parsed JSON), or None: it needs a JSON object whose
-    config keys have the types of train.py's flags and whose test_acc is a finite number."""
+    """Why the report cannot use a result line (parsed JSON), or None: it needs a JSON object whose config keys have
+    the types of train.py's flags and whose test_acc is a finite number."""
     if not isinstance(r, dict):
         return "not a JSON object"
     for action in train.PARSER._actions:
@@ -149,6 +506,8 @@ def unusable(r):
         ok = number(value) is not None if kind is float else type(value) is kind  # an int is a float, a bool no int
         if not ok:
             return f"{action.dest} is {value!r}, not {kind.__name__}"
+        if action.choices and value not in action.choices or action.dest in ("epochs", "batch_size") and value < 1:
+            return f"{action.dest} is {value!r}, not a value train.py takes"
     if "test_acc" not in r:
         return "no test_acc"
     if number(r["test_acc"]) is None:
@@ -156,166 +515,117 @@ def unusable(r):
     return None
 
 
+def tensor(x, dim):  # x as a float64 tensor of dim dimensions with finite entries, or None (malformed, missing)
+    try:
+        t = torch.tensor(x, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return None
+    return t if t.dim() == dim and t.numel() and t.isfinite().all() else None
+
+
 def metrics(r):
-    """The metrics the report reads, each as it expects it, or None (missing in older lines, or malformed)."""
-    v, basis, figures = r.get("spatial_variance"), r.get("basis"), r.get("save_figures")
-    square = isinstance(v, list) and len(v) > 0 and all(  # k×k numbers
-        isinstance(row, list) and len(row) == len(v) and all(number(x) is not None for x in row) for row in v)
-    layers = isinstance(basis, list) and len(basis) > 0 and all(
-        isinstance(layer, dict) and all(number(layer.get(k)) is not None for k in BASIS) for layer in basis)
-    return dict({k: number(r.get(k)) for k in METRICS}, spatial_variance=v if square else None,
-                basis=basis if layers else None, save_figures=figures if isinstance(figures, str) else None)
+    """The numbers the tables read, each a finite number or None (missing in older lines, or malformed)."""
+    out = {k: number(r.get(k)) for k in ("test_acc", "fgsm_acc", "fve_first", "fve_last", "params_learnable")}
+    layers = [layer for layer in r["basis"] if isinstance(layer, dict)] if isinstance(r.get("basis"), list) else []
+    for name, key, pick in [("rank", "rank", min), ("alpha_min", "alpha", min), ("alpha_max", "alpha", max),
+                            ("spread", "spread", max), ("spread_mp", "spread_mp", max)]:  # over the layers
+        values = [v for v in (number(layer.get(key)) for layer in layers) if v is not None]
+        out[name] = pick(values) if values else None
+    v, out["centre_ring"] = tensor(r.get("spatial_variance"), 2), None  # Fig. 8b: centre over outer ring
+    if v is not None and v.shape[0] == v.shape[1]:
+        ring, c = torch.cat([v[0], v[-1], v[1:-1, 0], v[1:-1, -1]]), len(v) // 2
+        out["centre_ring"] = number((v[c, c] / ring.mean()).item())
+    return out
 
 
 def load_results(folder):
-    """-> (results, skipped). results: one per (config, seed), the first usable line written, with
-    every config key filled in (lines written before a flag existed lack its key) and the metrics
-    checked; skipped: why each other line is not used ("line 3: no test_acc"), blank lines and
-    repeats aside."""
-    unique, skipped = {}, []
-    for n, r in train.read_lines(Path(folder) / "results.jsonl"):
-        problem = unusable(r)
-        if problem:
-            skipped.append(f"line {n}: {problem}")
-            continue
-        config = train.recipe(r)
-        unique.setdefault(json.dumps(config, sort_keys=True), {**r, **config, **metrics(r)})
-    return list(unique.values()), skipped
+    """-> (runs, skipped, files). runs: one per (config, seed), the first usable line, every config key filled in
+    (older lines lack the newer keys), its metrics checked; skipped: where and why each other line is not used."""
+    files, runs, skipped = sorted(Path(folder).glob("*.jsonl")), {}, []
+    for path in files:
+        for n, r in train.read_lines(path):
+            if problem := unusable(r):
+                skipped.append(f"{path.name} line {n}: {problem}")
+                continue
+            config = train.recipe(r)  # a line without "precision": fp32 from a CPU, else bf16
+            runs.setdefault(json.dumps(config, sort_keys=True), {**r, **config, **metrics(r)})
+    return list(runs.values()), skipped, files
 
 
-@functools.cache
 def default_config(model):
-    """The config of `train.py --model model`, as train.py fills it in (its flags' defaults and the
-    model's own), less the keys the report splits by (SETTING) or pools (dataset, seed). The runs
-    of a table match it in every other key, so those of a flag added to train.py later, at
-    another value, stay out of the tables that do not ask for it."""
+    """`train.py --model model`'s config, less what a part (SETTING, precision) or a table (dataset) fixes, and seed."""
     config = train.recipe(train.parse_args(["--model", model]))
-    return {k: v for k, v in config.items() if k not in ("dataset", "seed", *SETTING)}
+    return {k: v for k, v in config.items() if k not in ("dataset", "seed", "precision", *SETTING)}
 
 
-def select(runs, base=None, **kw):
-    """The runs with exactly this config: base (default: the plain ResNet's) updated by kw."""
-    want = {**(base or default_config("resnet")), **kw}
-    return [r for r in runs if all(r.get(k) == v for k, v in want.items())]
+def finder(runs):
+    """-> find(keys, column config): the runs of exactly default_config(model) updated by keys and the column's."""
+    index = collections.defaultdict(list)
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        index[frozenset((k, r[k]) for k in train.CONFIG_KEYS if k != "seed")].append(r)
+    defaults = functools.cache(default_config)  # per report: train.py's flags are read afresh
+    def find(keys, config):
+        config = config(keys) if callable(config) else config
+        return [r for c in (config if isinstance(config, list) else [config])
+                for r in index[frozenset({**defaults({**keys, **c}.get("model", "resnet")), **keys, **c}.items())]]
+    return find
 
 
-def family(runs, ds, base, *free):
-    """The runs on ds that match base except in the keys free: one figure's runs."""
-    return [r for r in runs if r["dataset"] == ds and all(r.get(k) == v for k, v in base.items() if k not in free)]
+def evaluate(table, find, context):
+    """[(row label, the row's keys, {column label: Cell})] in one part (context: setting, precision, dataset)."""
+    rows = []
+    for label, row in table.rows.items():
+        keys, cells = {**context, **table.base, **row}, {}
+        for name, column in table.columns.items():
+            values = [r[column.metric] for r in find(keys, column.config) if r[column.metric] is not None]
+            mean, f = statistics.mean(values) if values else None, FORMATS.get(column.metric, "{:.2f}").format
+            spread = f" ± {f(statistics.stdev(values))}" if len(values) > 1 else ""  # over seeds
+            cells[name] = Cell(f"{f(mean)}{spread} ({len(values)})" if values else "—", mean)
+            if column.minus is not None:  # a difference of means
+                others = [r[column.metric] for r in find(keys, column.minus) if r[column.metric] is not None]
+                gain = mean - statistics.mean(others) if values and others else None
+                cells[name] = Cell("—" if gain is None else f"{gain:+.2f}", gain)
+        rows.append((label, keys, cells))
+    return rows
 
 
-def values(rs, key):
-    return [r[key] for r in rs if r.get(key) is not None]
+def sgd_steps(c):
+    images = c["train_subset"] or train.DATASETS[c["dataset"]]["train_images"]
+    return c["epochs"] * math.ceil(images / c["batch_size"])
 
 
-def mean(rs, key="test_acc"):
-    v = values(rs, key)
-    return statistics.mean(v) if v else math.nan
-
-
-def cell(rs, key="test_acc"):
-    v = values(rs, key)
-    if len(v) < 2:
-        return f"{v[0]:.2f} (1)" if v else "—"
-    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} ({len(v)})"
-
-
-ONE_SEED_TOLERANCE = 0.5  # accuracy points that count as "the same" when one seed gives no spread
-
-
-def tolerance(*groups):
-    """How far two means may be apart and still count as equal: the seeds' spread (the larger
-    std over seeds), or a fixed tolerance where a group has one seed."""
-    spreads = [statistics.stdev(values(rs, "test_acc")) for rs in groups if len(values(rs, "test_acc")) > 1]
-    return max(spreads) if len(spreads) == len(groups) else ONE_SEED_TOLERANCE
-
-
-def agree(a, b):
-    return abs(mean(a) - mean(b)) <= tolerance(a, b)
-
-
-def within(*groups):
-    """What tolerance() counts as equal, in words."""
-    if any(len(values(rs, "test_acc")) < 2 for rs in groups):
-        return f"within {ONE_SEED_TOLERANCE} points (one seed: no spread to compare with)"
-    return "within the seeds' spread (the larger std over seeds)"
-
-
-def listed(xs):
-    return ", ".join(map(str, xs)) or "none"
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
-
-
-def first(xs, holds):
-    return next((x for x in xs if holds(x)), "— (not in the sweep)")
-
-
-def sizes(rs, key):
-    return sorted({r[key] for r in rs if r[key] is not None})
-
-
-def centre_ratio(rs):
-    """Spatial variance at the kernel centre over the mean of its outer ring (Fig. 8b); 1 = uniform."""
-    ratios = []
-    for v in [r["spatial_variance"] for r in rs if r["spatial_variance"]]:
-        v = torch.tensor(v)
-        c = len(v) // 2
-        ring = torch.cat([v[0], v[-1], v[1:-1, 0], v[1:-1, -1]]) if len(v) > 1 else v.flatten()
-        ratios.append((v[c, c] / ring.mean()).item())
-    return f"{statistics.mean(ratios):.2f}" if ratios else "—"
-
-
-def variance_range(rs):
-    """The spatial variance over its mean, smallest–largest position (the heatmap's numbers; its
-    grey is 1, white 4, black 1/4)."""
-    v = next((r["spatial_variance"] for r in rs if r["spatial_variance"]), None)
-    if v is None:
-        return "—"
-    v = torch.tensor(v)
-    v = v / v.mean()
-    return f"{v.min():.2f}–{v.max():.2f}"
-
-
-def figure_links(rs, folder):
-    r = next((r for r in rs if r.get("save_figures")), None)
-    if r is None:
-        return "—"
-    d = os.path.relpath(r["save_figures"], folder)
-    return f"[filters]({d}/filters.png) · [variance]({d}/spatial_variance.png)"
-
-
-def plot(folder, name, xlabel, ylabel, series):
-    """A line plot over E (log scale) into plots/ if matplotlib happens to be installed; -> its
-    markdown image, or "" without matplotlib (plots are optional; the tables say it all)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def render(table, rows, ds):
+    """The table in markdown, the paper's numbers beside ours; "" if under min_rows rows have a number."""
+    shown = [row for row in rows if any(c.value is not None for c in row[2].values())]
+    if len(shown) < table.min_rows:
         return ""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, points in series.items():
-        points = [(x, y) for x, y in points if y is not None and not math.isnan(y)]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.legend()
-    path = Path(folder, "plots", f"{name}.png")
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return f"\n![{name}](plots/{name}.png)\n"
+    paper = table.paper if table.paper_dataset in (None, ds) else {}
+    beside = {name for numbers in paper.values() for name in numbers}
+    header = [table.row_name, *["SGD steps"] * table.spans]
+    for name in table.columns:
+        header += [name, *["paper"] * (name in beside)]
+    lines = [header]
+    for label, keys, cells in shown:
+        lines.append([str(label), *[f"{sgd_steps(keys):,}"] * table.spans])
+        for name, c in cells.items():
+            lines[-1] += [c.text, *[paper.get(label, {}).get(name, "—")] * (name in beside)]
+    lines = [f"| {' | '.join(line)} |" for line in lines]
+    return "\n".join([f"## {table.title}{f', on {ds}' if ds else ''}\n", lines[0], "|" + "---|" * len(header),
+                      *lines[1:], *[f"\n{table.found}"] * bool(table.found)]) + "\n"
+
+
+def describe(c):  # a training setting and precision in words
+    rest = "".join(f", {k.replace('_', ' ')} {c[k]}" for k in ("momentum", "label_smoothing", "fgsm_eps", "pgd_steps")
+                   if c[k] != train.PARSER.get_default(k))
+    images = f"the first {c['train_subset']:,} training images" if c["train_subset"] else "the full training set"
+    return (f"{c['epochs']} epoch(s) on {images}, batch {c['batch_size']}, lr {c['lr']}, weight decay "
+            f"{c['weight_decay']}{rest}, {c['precision']}")
 
 
 @contextlib.contextmanager
 def atomic_file(path):
-    """A binary file written under a temporary name unique to this writer and renamed into place
-    when done, so that readers (and a second sweep writing the same file) never see half of it."""
+    """A binary file written under a name unique to this writer, then renamed into place: readers (and a second
+    sweep writing the same file) never see half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -327,783 +637,150 @@ def atomic_file(path):
         raise
 
 
-# -----------------------------------------------------------------------------
-# The groups. Each is one table or figure: its runs (configs: train.py flags without seed and
-# paths; a config in several groups, written identically, runs once) and, beside them, the
-# report section that reads their results (the runs of one training setting).
-
-EXPANSIONS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # Fig. 4
-LC_EXPANSIONS = (1, 2, 4, 8, 16, 32, 64, 128)          # Fig. 8, the init study
-KERNEL_SIZES = (3, 5, 7, 9)                            # Fig. 7-9
-CONVMIXER_EXPANSIONS = (1, 8, 64)
-INIT_STUDY = ("kaiming_uniform", "center")             # the paper's init vs our centre-weighted one
-LARGE_KERNEL = 9                                       # the paper's worst kernel size
-
-
-def flags(*words):
-    """train.py flags from words and numbers: flags("--expansion", 8) -> ["--expansion", "8"]."""
-    return [str(w) for w in words]
-
-
-class Group:
-    name = figure = ""  # the group's name on the command line; the table or figure it reproduces
-    spans_settings = False  # True: its report reads the runs of every training setting at once
-
-    def configs(self, s):
-        """The group's runs under the settings s, as lists of train.py flags."""
-        raise NotImplementedError
-
-    def report(self, results, folder):
-        """Its report section for each dataset the results have."""
-        return "".join(self.section(results, ds, folder) for ds in dict.fromkeys(r["dataset"] for r in results))
-
-    def section(self, results, ds, folder):
+def plot(folder, name, caption, xlabel, ylabel, curves, baseline, log_base):
+    """A line plot into plots/ -> its markdown; "" without matplotlib, which is optional (the tables say it all)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
         return ""
-
-
-class Table1(Group):
-    name, figure = "table1", "Table 1: baseline vs LC x128 learnable vs frozen, four datasets"
-    E = 128
-
-    def configs(self, s):
-        for ds in PAPER_TABLE1:
-            yield flags("--dataset", ds)
-            yield flags("--dataset", ds, "--expansion", self.E)
-            yield flags("--dataset", ds, "--expansion", self.E, "--frozen")
-
-    def report(self, results, folder):
-        rows = []
-        for ds, paper in PAPER_TABLE1.items():
-            rs = [select(results, dataset=ds), select(results, dataset=ds, expansion=self.E),
-                  select(results, dataset=ds, expansion=self.E, frozen=True)]
-            if any(rs):
-                rows.append([ds, cell(rs[0]), paper[0], cell(rs[1]), paper[1], cell(rs[2]), paper[2]])
-        if not rows:
-            return ""
-        return (f"## Table 1: ResNet-20-16 vs ResNet-LC-20-16x{self.E}, test accuracy %\n\n" + table(
-            ["dataset", "baseline", "paper", "LC learnable", "paper", "LC frozen", "paper"], rows))
-
-
-class Expansion(Group):
-    name, figure = "expansion", "Fig. 4 (accuracy, params, FGSM) and Fig. 5 (FVE): E = 1 ... 512"
-    QUICK_EXPANSIONS = (1, 4, 16, 64, 128)
-
-    def configs(self, s):
-        yield flags("--dataset", s.main)
-        for e in self.QUICK_EXPANSIONS if s.quick else EXPANSIONS:
-            yield flags("--dataset", s.main, "--expansion", e)
-            yield flags("--dataset", s.main, "--expansion", e, "--frozen")
-
-    def section(self, results, ds, folder):
-        rs = family(results, ds, default_config("resnet"), "expansion", "frozen")
-        es = [e for e in sizes(rs, "expansion") if e > 0]
-        if len(es) < 3:
-            return ""
-        frozen = {e: select(rs, expansion=e, frozen=True) for e in es}
-        learnable = {e: select(rs, expansion=e) for e in [0] + es}
-        params = lambda rs: f"{mean(rs, 'params_learnable'):,.0f}" if rs else "—"  # noqa: E731
-        acc = [[e or "baseline", params(frozen.get(e, [])), params(learnable[e]), cell(frozen.get(e, [])),
-                cell(learnable[e]), cell(frozen.get(e, []), "fgsm_acc"), cell(learnable[e], "fgsm_acc")] for e in [0] + es]
-        fve = [[e or "baseline", cell(frozen.get(e, []), "fve_first"), cell(learnable[e], "fve_first"),
-                cell(frozen.get(e, []), "fve_last"), cell(learnable[e], "fve_last")] for e in [0] + es]
-        beats = first(es, lambda e: mean(frozen[e]) > mean(learnable[e]))
-        beats_base = first(es, lambda e: mean(frozen[e]) > mean(learnable[0]))
-        image = plot(folder, f"fig4_{ds}", "LC expansion E", "test accuracy %", {
-            "frozen LC": [(e, mean(frozen[e])) for e in es], "learnable LC": [(e, mean(learnable[e])) for e in es],
-            "baseline": [(e, mean(learnable[0])) for e in es]})
-        return (f"## Fig. 4 and 5: ResNet-LC-20-16xE on {ds}\n\n"
-                + table(["E", "learnable params, frozen", "learnable params, learnable", "frozen acc", "learnable acc",
-                         "frozen FGSM", "learnable FGSM"], acc)
-                + "\n" + table(["E", "FVE first, frozen", "FVE first, learnable", "FVE last, frozen", "FVE last, learnable"], fve)
-                + "\nPaper: frozen LC beats learnable LC from E = 8 and the baseline at E = 128, then declines "
-                  "slightly; its FGSM accuracy rises with E above both; its FVE stays higher. "
-                  f"Ours: frozen beats learnable from E = {beats}, the baseline from E = {beats_base}.\n" + image)
-
-
-class Scaling(Group):
-    """Fig. 6: frozen vs learnable at E = 1 as one size of the ResNet grows."""
-
-    def __init__(self, key, sizes, title, paper):
-        self.name, self.key, self.sizes, self.title, self.paper = key, key, sizes, title, paper
-        self.figure = f"{title} = {sizes[0]} ... {sizes[-1]}, E = 1"
-
-    def configs(self, s):
-        for x in self.sizes:
-            yield flags("--dataset", s.main, "--expansion", 1, f"--{self.key}", x)
-            yield flags("--dataset", s.main, "--expansion", 1, f"--{self.key}", x, "--frozen")
-
-    def section(self, results, ds, folder):
-        rs = family(results, ds, dict(default_config("resnet"), expansion=1), self.key, "frozen")
-        xs = sizes(rs, self.key)
-        if len(xs) < 2:
-            return ""
-        pairs = {x: (select(rs, expansion=1, frozen=True, **{self.key: x}), select(rs, expansion=1, **{self.key: x}))
-                 for x in xs}
-        even = first(xs, lambda x: mean(pairs[x][0]) >= mean(pairs[x][1]))
-        return (f"## {self.title} on {ds}, E = 1\n\n"
-                + table([self.key, "frozen", "learnable"], [[x, *map(cell, p)] for x, p in pairs.items()])
-                + f"\nPaper: {self.paper}. Ours: frozen reaches learnable at {self.key} = {even}.\n")
-
-
-class Kernel(Group):
-    """Fig. 7-9, and beyond the paper: P depends on E and k only through m/d = E·c_out/(c_in·k²),
-    so are the frozen-vs-learnable gaps the same at matched m/d? QUICK runs only that part."""
-    name, figure = "kernel", "Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones; matched m/d"
-    MATCHED = {3: 16, 5: 44, 7: 87, 9: 144}  # E ∝ k²: m/d ≈ 1.78 in the convs of equal width, ∝ E/k² in all
-
-    def configs(self, s):
-        for k in KERNEL_SIZES:
-            yield flags("--dataset", s.main, "--kernel-size", k)
-            for e in [] if s.quick else LC_EXPANSIONS:
-                yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e)
-                yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e, "--frozen")
-            e = self.MATCHED[k]  # frozen in the preconditioned form at every k: the folded one is slow at k = 9
-            if s.quick or e not in LC_EXPANSIONS:  # else the grid has it
-                yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e)
-            yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e, "--frozen", "--preconditioned")
-
-    def section(self, results, ds, folder):
-        return self.grid_section(results, ds, folder) + self.matched_section(results, ds)
-
-    def matched_section(self, results, ds):
-        rs = family(results, ds, default_config("resnet"), "kernel_size", "expansion", "frozen", "preconditioned")
-        rows, gaps = [], {}
-        for k, e in self.MATCHED.items():
-            frozen = select(rs, kernel_size=k, expansion=e, frozen=True, preconditioned=True)
-            learnable = select(rs, kernel_size=k, expansion=e)
-            if frozen or learnable:
-                rows.append([k, e, f"{e / k**2:.2f}", cell(select(rs, kernel_size=k)), cell(frozen), cell(learnable),
-                             f"{mean(learnable) - mean(frozen):.2f}".replace("nan", "—")])
-            if frozen and learnable:
-                gaps[k] = (frozen, learnable)
-        if len(rows) < 2:  # not a comparison across k (the expansion group has k = 3, E = 16)
-            return ""
-        ours = "Ours: — (fewer than two kernel sizes with both runs)."
-        if len(gaps) >= 2:
-            gap = {k: mean(b) - mean(a) for k, (a, b) in gaps.items()}
-            spread = max(gap.values()) - min(gap.values())
-            tol = 2 * tolerance(*sum(gaps.values(), ()))  # a gap is a difference of two means
-            ours = (f"Ours: at matched m/d the gap (learnable − frozen) is "
-                    + ", ".join(f"{g:+.2f} at k = {k}" for k, g in gap.items()) + f"; it spreads by {spread:.2f} "
-                    f"points across k, against {tol:.2f} for two differences of means "
-                    f"{within(*sum(gaps.values(), ()))}: "
-                    + ("consistent with a gap set by m/d alone." if spread <= tol else
-                       "the hypothesis fails; the spread is what the kernel size costs beyond the basis statistics."))
-        return (f"\n### Matched m/d across k on {ds}\n\nP depends on E and k only through m/d = E·c_out/(c_in·k²) "
-                "(its mean α = (m/d)/3, rank min(1, m/d), spread from √(d/m)); so does the init scale. Frozen LC in "
-                "the preconditioned form. Test accuracy %:\n\n"
-                + table(["k", "E", "m/d (equal width)", "baseline", "frozen LC", "learnable LC", "gap"], rows)
-                + "\nHypothesis: the frozen-vs-learnable gap of Fig. 8a is a function of m/d alone.\n\n" + ours + "\n")
-
-    def grid_section(self, results, ds, folder):
-        rs = family(results, ds, default_config("resnet"), "kernel_size", "expansion", "frozen")
-        ks = sizes(rs, "kernel_size")
-        es = [e for e in sizes(rs, "expansion") if e > 0 and all(select(rs, kernel_size=k, expansion=e) for k in ks)]
-        if len(ks) < 2 or not es:
-            return ""
-        acc = lambda k, e, frozen=False: mean(select(rs, kernel_size=k, expansion=e, frozen=frozen))  # noqa: E731
-        rows = [[k, cell(select(rs, kernel_size=k))] + [f"{acc(k, e, True):.2f} / {acc(k, e):.2f}".replace("nan", "—")
-                                                        for e in es] for k in ks]
-        image = plot(folder, f"fig8a_{ds}", "LC expansion E", "learnable − frozen, accuracy %",
-                     {f"k = {k}": [(e, acc(k, e) - acc(k, e, True)) for e in es] for k in ks})
-        heat = []
-        for k in ks:
-            for label, config in [("learned, no LC", dict()), (f"LC x{es[-1]} learnable", dict(expansion=es[-1])),
-                                  ("LC x1 frozen", dict(expansion=1, frozen=True)),
-                                  (f"LC x{es[-1]} frozen", dict(expansion=es[-1], frozen=True))]:
-                chosen = select(rs, kernel_size=k, **config)
-                if chosen:
-                    heat.append([k, label, centre_ratio(chosen), variance_range(chosen), figure_links(chosen, folder)])
-        return (f"## Fig. 7-9: kernel size on {ds}; test accuracy %, frozen / learnable per E\n\n"
-                + table(["k", "baseline"] + [f"E = {e}" for e in es], rows)
-                + "\nPaper: the frozen-vs-learnable gap grows with k and shrinks with E.\n" + image
-                + "\nSpatial variance of the combined filters (Fig. 8b), centre over outer ring (1 = uniform). "
-                  "Paper: learned large kernels concentrate variance in the centre; LCs of i.i.d. random filters "
-                  "stay uniform.\n\n" + table(["k", "filters", "centre / ring", "variance / mean", "figures"], heat))
-
-
-class Ablation(Group):
-    name, figure = "ablation", "Table 3: an op between the LC-Block's two convs, E = 64"
-    E = 64
-
-    def configs(self, s):
-        for op in PAPER_TABLE3:
-            yield flags("--dataset", s.main, "--expansion", self.E, "--intermediate", op)
-            yield flags("--dataset", s.main, "--expansion", self.E, "--intermediate", op, "--frozen")
-
-    def section(self, results, ds, folder):
-        rs = family(results, ds, dict(default_config("resnet"), expansion=self.E), "intermediate", "frozen")
-        if all(r["intermediate"] == "none" for r in rs):
-            return ""
-        paper = PAPER_TABLE3 if ds == "cifar10" else {op: ("—", "—") for op in PAPER_TABLE3}
-        rows = [[op, cell(select(rs, expansion=self.E, frozen=True, intermediate=op)), paper[op][0],
-                 cell(select(rs, expansion=self.E, intermediate=op)), paper[op][1]] for op in PAPER_TABLE3]
-        return (f"## Table 3: ResNet-LC-20-16x{self.E} on {ds}, an op between the two convs\n\n"
-                + table(["intermediate", "frozen", "paper", "learnable", "paper"], rows))
-
-
-class OffTheShelf(Group):
-    name, figure = "offtheshelf", "Fig. 1: do nets with 1x1 convs after their spatial convs tolerate random filters?"
-
-    def configs(self, s):
-        for model in train.MODELS:
-            yield flags("--dataset", s.main, "--model", model)
-            yield flags("--dataset", s.main, "--model", model, "--frozen")
-
-    def section(self, results, ds, folder):
-        rows = []
-        for model in train.MODELS:
-            base = default_config(model)
-            learnable, frozen = select(results, base, dataset=ds), select(results, base, dataset=ds, frozen=True)
-            if learnable or frozen:
-                rows.append([model, cell(learnable), cell(frozen), f"{mean(learnable) - mean(frozen):.2f}"])
-        if len(rows) < 2:
-            return ""
-        return (f"## Fig. 1: off-the-shelf models on {ds}, learnable vs frozen random spatial convs\n\n"
-                + table(["model", "learnable", "frozen", "drop"], rows)
-                + "\nPaper: nets whose spatial convs are followed by 1×1 convs (ResNet-50, MobileNet v2) lose "
-                  "1.6–1.9 points; Basic-Block nets (ResNet-18, CIFAR ResNet-20) lose at least 16.\n")
-
-
-class ConvMixer(Group):
-    name, figure = "convmixer", "beyond the paper: the large-kernel gap in ConvMixer-256/8"
-
-    def configs(self, s):
-        for k in KERNEL_SIZES:
-            yield flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", k)
-            yield flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", k, "--frozen")
-            for e in CONVMIXER_EXPANSIONS:
-                yield flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", k, "--expansion", e,
-                            "--frozen")
-
-    def section(self, results, ds, folder):
-        base = default_config("convmixer")
-        rs = family(results, ds, base, "kernel_size", "expansion", "frozen")
-        ks, es = sizes(rs, "kernel_size"), [e for e in sizes(rs, "expansion") if e > 0]
-        if len(ks) < 2:
-            return ""
-        rows = [[k, cell(select(rs, base, kernel_size=k)), cell(select(rs, base, kernel_size=k, frozen=True))]
-                + [cell(select(rs, base, kernel_size=k, expansion=e, frozen=True)) for e in es] for k in ks]
-        return (f"## Beyond the paper: ConvMixer-256/8 on {ds}, kernel size\n\n"
-                + table(["k", "learnable", "frozen"] + [f"LC x{e} frozen" for e in es], rows)
-                + "\nDoes the large-kernel gap of frozen random filters appear here too, and do LCs close it?\n")
-
-
-def frozen_large_kernel(ds, e, init):
-    """Frozen ResNet-LC x e at the large kernel with this init: shared by the init and mechanism groups."""
-    return flags("--dataset", ds, "--kernel-size", LARGE_KERNEL, "--expansion", e, "--frozen", "--init", init)
-
-
-class Init(Group):
-    name, figure = "init", "beyond the paper, its open question: does a centre-weighted init close the k = 9 gap?"
-
-    def configs(self, s):
-        yield flags("--dataset", s.main, "--kernel-size", LARGE_KERNEL)
-        yield flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", LARGE_KERNEL)
-        for i in INIT_STUDY:
-            for e in LC_EXPANSIONS:
-                yield frozen_large_kernel(s.main, e, i)
-            yield flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", LARGE_KERNEL, "--frozen",
-                        "--init", i)
-            for e in CONVMIXER_EXPANSIONS:
-                yield flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", LARGE_KERNEL,
-                            "--expansion", e, "--frozen", "--init", i)
-
-    def section(self, results, ds, folder):
-        out = ""
-        for name, model in [("ResNet-LC-20-16", "resnet"), ("ConvMixer-256/8", "convmixer")]:
-            base = default_config(model)
-            rs = family(results, ds, dict(base, kernel_size=LARGE_KERNEL), "expansion", "frozen", "init")
-            if not any(r["init"] == "center" for r in rs):
-                continue
-            learned = select(rs, base, kernel_size=LARGE_KERNEL)
-            rows = [[e or "plain conv"] + [f"{cell(chosen)}, centre/ring {centre_ratio(chosen)}" for chosen in
-                    (select(rs, base, kernel_size=LARGE_KERNEL, expansion=e, frozen=True, init=i) for i in INIT_STUDY)]
-                    for e in sizes([r for r in rs if r["frozen"]], "expansion")]
-            out += (f"## Beyond the paper: a centre-weighted init for {name}, k = {LARGE_KERNEL}, on {ds}\n\n"
-                    f"Learned filters (no LC): {cell(learned)}, spatial variance centre/ring {centre_ratio(learned)}.\n\n"
-                    + table(["E", "frozen, kaiming_uniform", "frozen, center"], rows)
-                    + "\nThe paper's open question: does an init with more variance in the kernel centre close the "
-                      "large-kernel gap of frozen random filters?\n\n")
-        return out
-
-
-class Mechanism(Group):
-    """A frozen LC-Block trains exactly as one conv whose gradient is multiplied by the fixed
-    P = SᵀS of its random filters (--preconditioned runs it in that form); for m = E·c_out much
-    larger than d = c_in·k², P tends to α·I, a plain conv with an E-dependent learning rate
-    (--lc-limit E). Does that limit explain Fig. 4?"""
-    name, figure = "mechanism", "why it works (beyond the paper): frozen LC xE vs its large-E limit, E = 1 ... 32768"
-    # which E each kind of run gets; QUICK: a Fashion-MNIST subset that still shows the result
-    E = dict(frozen=EXPANSIONS, learnable=EXPANSIONS, limit=EXPANSIONS + (2048, 8192, 32768),
-             init=EXPANSIONS + (2048, 8192, 32768), preconditioned=(8, 128, 512, 2048, 8192, 32768),
-             large_kernel=(8, 64, 512))
-    # QUICK: frozen and learnable LC are the expansion group's runs; past E = 128 frozen LC runs in
-    # the preconditioned form, at the plain ResNet's cost; E = 4 is below m = d (E = 9)
-    QUICK_E = dict(frozen=(4, 128), learnable=(4, 128), limit=(4, 128, 512, 2048), init=(4, 128, 2048),
-                   preconditioned=(128, 512, 2048), large_kernel=())
-    PEAK = 128  # Fig. 4: frozen LC peaks here, then declines slightly
-
-    def configs(self, s):
-        es, ds = self.QUICK_E if s.quick else self.E, s.main
-        yield flags("--dataset", ds)
-        for e in es["frozen"]:
-            yield flags("--dataset", ds, "--expansion", e, "--frozen")
-        for e in es["limit"]:
-            yield flags("--dataset", ds, "--lc-limit", e)
-        for e in es["init"]:
-            yield flags("--dataset", ds, "--lc-init", e)
-        for e in es["learnable"]:
-            yield flags("--dataset", ds, "--expansion", e)
-        for e in es["preconditioned"]:
-            yield flags("--dataset", ds, "--expansion", e, "--frozen", "--preconditioned")
-        if es["large_kernel"]:
-            yield flags("--dataset", ds, "--kernel-size", LARGE_KERNEL)
-        for i in INIT_STUDY:
-            for e in es["large_kernel"]:
-                yield frozen_large_kernel(ds, e, i)
-                yield flags("--dataset", ds, "--kernel-size", LARGE_KERNEL, "--lc-limit", e, "--init", i)
-
-    def trend(self, runs):
-        """Accuracy from E = PEAK to the largest E past it (runs: {E: runs}): declines, holds or rises."""
-        past = [e for e in runs if e > self.PEAK and runs[e]]
-        if not runs.get(self.PEAK) or not past:
-            return "— (not in the sweep)"
-        at_peak, last = runs[self.PEAK], runs[past[-1]]
-        change = mean(last) - mean(at_peak)
-        word = "holds" if abs(change) <= tolerance(at_peak, last) else "declines" if change < 0 else "rises"
-        return f"{word} ({mean(at_peak):.2f} at E = {self.PEAK}, {mean(last):.2f} at E = {past[-1]})"
-
-    def section(self, results, ds, folder):
-        rs = family(results, ds, default_config("resnet"), "expansion", "frozen", "preconditioned", "lc_limit", "lc_init")
-        if not any(r["lc_limit"] for r in rs):
-            return ""
-        es = sorted({r["expansion"] or r["lc_limit"] or r["lc_init"] for r in rs} - {0, None})
-        baseline = select(rs)
-        frozen = {e: select(rs, expansion=e, frozen=True) for e in es}
-        preconditioned = {e: select(rs, expansion=e, frozen=True, preconditioned=True) for e in es}
-        limit = {e: select(rs, lc_limit=e) for e in es}
-        init = {e: select(rs, lc_init=e) for e in es}
-        learnable = {e: select(rs, expansion=e) for e in es}
-        acc = [["baseline", "—", "—", "—", "—", cell(baseline), "—", "—", cell(baseline, "fgsm_acc")]]
-        acc += [[e] + [cell(k[e]) for k in (frozen, preconditioned, limit, init, learnable)]
-                + [cell(k[e], "fgsm_acc") for k in (frozen, limit, learnable)] for e in es]
-        fve = [["baseline", "—", "—", cell(baseline, "fve_first"), "—", "—", cell(baseline, "fve_last")]]
-        fve += [[e] + [cell(k[e], key) for key in ("fve_first", "fve_last") for k in (frozen, limit, learnable)]
-                for e in es]
-        basis = [[e] + self.basis_cells(frozen[e] + preconditioned[e]) for e in es if frozen[e] + preconditioned[e]]
-
-        # ours: where the limit tracks frozen LC, whether the preconditioned form matches the
-        # folded one (the identity at scale), whether both decline past the peak like Fig. 4
-        frozen_either_form = {e: frozen[e] or preconditioned[e] for e in es}  # past 512 only preconditioned runs
-        both = [e for e in es if frozen_either_form[e] and limit[e]]
-        tracks = [e for e in both if agree(frozen_either_form[e], limit[e])]
-        pairs = [e for e in es if frozen[e] and preconditioned[e]]
-        matches = [e for e in pairs if agree(frozen[e], preconditioned[e])]
-        twins = [e for e in es if limit[e] and init[e]]
-        same = [e for e in twins if agree(limit[e], init[e])]
-        equal = within(*(k[e] for k in (frozen, preconditioned, limit) for e in es if k[e]))
-        ours = (f"Ours, counting means {equal} as equal: the limit tracks frozen LC (folded, or preconditioned "
-                f"where only that ran) at E = {listed(tracks)}; "
-                f"not at E = {listed([e for e in both if e not in tracks])}. "
-                f"The preconditioned form matches folded frozen LC at E = {listed(matches)}; "
-                f"differs at E = {listed([e for e in pairs if e not in matches])}. "
-                f"The init form matches the limit at E = {listed(same)}; differs at "
-                f"E = {listed([e for e in twins if e not in same])}. "
-                f"Past E = {self.PEAK}, frozen LC {self.trend(frozen_either_form)}; the limit {self.trend(limit)}.")
-        image = plot(folder, f"mechanism_{ds}", "LC expansion E", "test accuracy %", {
-            "frozen LC": [(e, mean(frozen[e])) for e in es],
-            "preconditioned": [(e, mean(preconditioned[e])) for e in es],
-            "limit (--lc-limit E)": [(e, mean(limit[e])) for e in es],
-            "init (--lc-init E)": [(e, mean(init[e])) for e in es],
-            "learnable LC": [(e, mean(learnable[e])) for e in es], "baseline": [(e, mean(baseline)) for e in es]})
-        return (f"## Why it works: frozen LC xE vs its large-E limit on {ds}\n\n"
-                "A frozen LC-Block trains exactly as one conv whose gradient is multiplied by P = SᵀS (S: its "
-                "frozen filters, m = E·c_out rows of d = c_in·k²); *preconditioned* runs it in that form. For "
-                "m ≫ d, P → α·I with α = E·c_out/(3·c_in·k²): a plain conv with learning rate α·lr, the *limit* "
-                "(`--lc-limit E`); under BatchNorm that is exactly the plain ResNet started at the limit's "
-                "filters / √α, the *init* form (`--lc-init E`). Test accuracy % and FGSM accuracy:\n\n"
-                + table(["E", "frozen LC", "preconditioned", "limit", "init", "learnable LC", "FGSM frozen",
-                         "FGSM limit", "FGSM learnable"], acc)
-                + "\n" + table(["E", "FVE first, frozen", "limit", "learnable", "FVE last, frozen", "limit",
-                                "learnable"], fve)
-                + "\nThe random basis of each frozen LC run (lcconv.basis_summary, over its spatial layers): "
-                  "the share of the filter space its m filters span (rank/d), P's mean eigenvalue α (the "
-                  "learning-rate factor), and the spread of P's nonzero eigenvalues (largest/smallest) against "
-                  "the Marchenko-Pastur value for i.i.d. filters:\n\n"
-                + table(["E", "rank/d, smallest", "α, smallest–largest", "spread, largest", "Marchenko-Pastur"], basis)
-                + "\nExpected: the limit tracks frozen LC at large E and not at small E, where m < d "
-                  "(below E = 9 in the 3×3 convs of equal width) and the filters span only a subspace; the "
-                  "preconditioned runs match the frozen ones; the init form matches the limit up to BatchNorm's eps "
-                  "and float32 rounding; if the decline past E = 128 in Fig. 4 is the growing effective learning "
-                  "rate, the limit declines too.\n\n" + ours + "\n" + image
-                + self.large_kernel_section(results, ds))
-
-    @staticmethod
-    def basis_cells(rs):
-        """One run's random basis, over its layers: smallest rank share, α range, largest spread."""
-        layers = next((r["basis"] for r in rs if r.get("basis")), None)
-        if not layers:
-            return ["—"] * 4
-        alphas = [layer["alpha"] for layer in layers]
-        return [f"{min(layer['rank'] for layer in layers):.2f}", f"{min(alphas):.2f}–{max(alphas):.2f}",
-                f"{max(layer['spread'] for layer in layers):.3g}", f"{max(layer['spread_mp'] for layer in layers):.3g}"]
-
-    def large_kernel_section(self, results, ds):
-        base = dict(default_config("resnet"), kernel_size=LARGE_KERNEL)
-        rs = family(results, ds, base, "expansion", "frozen", "init", "lc_limit")
-        es = sizes(rs, "lc_limit")
-        if not es:
-            return ""
-        rows = [[e] + [cell(select(rs, kernel_size=LARGE_KERNEL, init=i, **kind)) for i in INIT_STUDY
-                       for kind in (dict(expansion=e, frozen=True), dict(lc_limit=e))] for e in es]
-        return (f"\n### k = {LARGE_KERNEL}: frozen LC vs its limit, default and centre-weighted init\n\n"
-                f"Learned filters (no LC): {cell(select(rs, kernel_size=LARGE_KERNEL))}.\n\n"
-                + table(["E"] + [f"{kind}, {i}" for i in INIT_STUDY for kind in ("frozen LC", "limit")], rows)
-                + "\nDoes the limit reproduce the large-kernel gap, and does it predict what the centre init does "
-                  "(for `center`, E[P] is α·diag(g²): a higher learning rate at the kernel centre)?\n")
-
-
-def steps(r):
-    """SGD steps of a run, and its schedule: (steps, epochs, training images)."""
-    images = r["train_subset"] or train.DATASETS[r["dataset"]]["train_images"]
-    return r["epochs"] * math.ceil(images / r["batch_size"]), r["epochs"], images
-
-
-def gained(rs, baseline):
-    """A cell with the gain over the baseline: "82.13 (1) +4.93"."""
-    return f"{cell(rs)} {mean(rs) - mean(baseline):+.2f}" if rs and baseline else cell(rs)
-
-
-class Length(Group):
-    """Is the mechanism the paper's at the paper's length? Under BatchNorm the large-E limit of
-    frozen LC xE is exactly a smaller init of the plain ResNet (--lc-init E), which in a BN network
-    is a larger effective learning rate early on. Either training forgets it and the gain fades
-    with length, or the early phase picks a solution that the long run keeps."""
-    name, figure = "length", "why it works over time (beyond the paper): E = 4, 128, 2048 at 5, 15 and EPOCHS epochs"
-    E, QUICK_E = (4, 128, 2048), (128,)
-    SHORT_EPOCHS = (5, 15)  # beside EPOCHS (75), the paper's
-    spans_settings = True  # its report compares runs of several schedules
-
-    def configs(self, s):
-        # [] is the settings' own schedule: QUICK's 100 steps, beside 5 epochs on all 60,000
-        # images (1,175 steps); else 5 and 15 epochs beside EPOCHS
-        schedules = [[], flags("--epochs", 5)] if s.quick else [flags("--epochs", e) for e in self.SHORT_EPOCHS] + [[]]
-        for schedule in schedules:
-            yield flags("--dataset", s.main, *schedule)
-            for e in self.QUICK_E if s.quick else self.E:
-                preconditioned = ["--preconditioned"] if s.quick or e > Mechanism.PEAK else []
-                yield flags("--dataset", s.main, "--expansion", e, "--frozen", *preconditioned, *schedule)
-                yield flags("--dataset", s.main, "--lc-init", e, *schedule)
-                if not s.quick:
-                    yield flags("--dataset", s.main, "--lc-limit", e, *schedule)
-                    yield flags("--dataset", s.main, "--expansion", e, *schedule)
-
-    def section(self, results, ds, folder):
-        rs = family(results, ds, default_config("resnet"), "expansion", "frozen", "preconditioned", "lc_limit", "lc_init", *SETTING)
-        schedules = {}
-        for r in rs:
-            schedules.setdefault(steps(r), []).append(r)
-        es = sorted({r["lc_init"] for r in rs} - {None})
-        if len(schedules) < 2 or not es:
-            return ""
-        rows, at_peak = [], {}
-        for (n, epochs, images), runs in sorted(schedules.items()):
-            baseline = select(runs)
-            for e in es:
-                kinds = [select(runs, expansion=e, frozen=True) or select(runs, expansion=e, frozen=True,
-                                                                          preconditioned=True),
-                         select(runs, lc_limit=e), select(runs, lc_init=e), select(runs, expansion=e)]
-                rows.append([f"{epochs} epochs, {images:,} images", f"{n:,}", e, cell(baseline)]
-                            + [gained(k, baseline) for k in kinds])
-                if e == Mechanism.PEAK and baseline and kinds[0]:
-                    at_peak[n] = (baseline, kinds[0], kinds[2])
-        ours = "Ours: — (no two schedules with frozen LC and the baseline at E = 128)."
-        if len(at_peak) >= 2:
-            (short, (b0, f0, i0)), (long, (b1, f1, i1)) = min(at_peak.items()), max(at_peak.items())
-            gain0, gain1 = mean(f0) - mean(b0), mean(f1) - mean(b1)
-            change, tol = gain1 - gain0, tolerance(b0, f0, b1, f1)
-            word = "holds" if abs(change) <= tol else "shrinks" if change < 0 else "grows"
-            tracks = [f"{n:,}" for n, (_, f, i) in sorted(at_peak.items()) if i and agree(f, i)]
-            apart = [f"{n:,}" for n, (_, f, i) in sorted(at_peak.items()) if i and not agree(f, i)]
-            ours = (f"Ours, counting differences {within(b0, f0, b1, f1)} as equal: at E = {Mechanism.PEAK} frozen "
-                    f"LC gains {gain0:+.2f} points over the baseline after {short:,} SGD steps and {gain1:+.2f} after "
-                    f"{long:,}: the gain {word} with length. `--lc-init` tracks frozen LC after {listed(tracks)} "
-                    f"steps" + (f"; not after {listed(apart)}." if apart else "."))
-        return (f"## Why it works, over time: frozen LC xE vs the init it reduces to, on {ds}\n\n"
-                "Test accuracy % and the gain over the baseline of the same schedule. Frozen LC runs folded or, "
-                "past E = 128 (and in QUICK), preconditioned; *limit* is `--lc-limit E`, *init* `--lc-init E` (the "
-                "plain ResNet started at the limit's filters / √α, the same training under BatchNorm).\n\n"
-                + table(["schedule", "SGD steps", "E", "baseline", "frozen LC", "limit", "init", "learnable LC"], rows)
-                + "\nOpen: does the gain fade as training forgets the init, or does the early phase pick a solution "
-                  "the long run keeps?\n\n" + ours + "\n")
-
-
-GROUPS = {g.name: g for g in [
-    Table1(), Expansion(),
-    Scaling("width", (16, 32, 64, 128, 256), "Fig. 6a: width",
-            "frozen catches up as W grows, break-even near W = 128"),
-    Scaling("depth", (20, 32, 56, 110, 164, 260), "Fig. 6b: depth",
-            "frozen catches up as D grows, break-even near D = 260"),
-    Kernel(), Ablation(), OffTheShelf(), ConvMixer(), Init(), Mechanism(), Length()]}
-QUICK_GROUPS = ("table1", "expansion", "mechanism")
-
-
-# -----------------------------------------------------------------------------
-# From configs to runs: each config on the chosen datasets, once per seed, with its paths
-
-
-@dataclass
-class Run:
-    group: str
-    argv: list  # train.py's arguments
-    checkpoint: str
-    log: str
-
-    def command(self, python):
-        return shlex.join([python, "train.py", *self.argv])
-
-
-def runs_of(group, s):
-    runs = []
-    for config in group.configs(s):
-        if config[config.index("--dataset") + 1] not in s.datasets:
-            continue
-        text = " ".join(config)
-        # the settings' schedule, unless the config brings its own (--epochs and all images)
-        epochs = [] if "--epochs" in config else flags("--epochs", s.epochs)
-        subset = flags("--train-subset", s.train_subset) if epochs and s.train_subset else []
-        for seed in s.seeds:
-            # names as the bash version made them: flags without dashes, and 8 hex digits of the
-            # md5 of the recipe's text (`md5sum <<<"..."` hashed a trailing newline too)
-            hashed = f"{' '.join([text, '--seed', seed, *epochs])} {' '.join(subset + [s.train_args]).strip()}\n"
-            digest = hashlib.md5(hashed.encode()).hexdigest()[:8]
-            name = f"{text.replace('--', '').replace(' ', '_')}_seed_{seed}-{digest}"
-            checkpoint = f"{s.results}/checkpoints/{name}.pt"
-            argv = [*config, "--seed", seed, *epochs, *subset, "--data-dir", s.data_dir,
-                    "--out", f"{s.results}/results.jsonl", "--checkpoint", checkpoint,
-                    "--save-figures", f"{s.results}/figures/{name}", "--skip-finished", *shlex.split(s.train_args)]
-            runs.append(Run(group.name, argv, checkpoint, f"{s.results}/logs/{name}.log"))
-    return runs
-
-
-def unfinished(runs, s):
-    """The runs without a result yet, with their parsed arguments. This is the sweep's one skip
-    check; train.py's --skip-finished asks the same question (train.has_result) again only for
-    a command run by hand or a second sweep on the same RESULTS."""
-    results = train.read_results(Path(s.results) / "results.jsonl")
-    todo = []
-    for run in runs:
-        args = train.parse_args(run.argv)  # a bad SEEDS, EPOCHS or TRAIN_ARGS: one line, exit 2
-        if not train.has_result(results, train.recipe(args)):
-            todo.append((run, args))
-    return todo
-
-
-# -----------------------------------------------------------------------------
-# The plan: runs and estimated GPU-hours per group
-
-REFERENCE_SECONDS = 90  # one 75-epoch ResNet-20-16 run on CIFAR-10 on one H100 (the project's speed goal)
-
-
-def step_flops(args, cache={}):
-    """FLOPs of one training step at the run's batch size: 3× the forward (backward ≈ 2×
-    forward; torch's counter overcounts grouped-conv backward), counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-    key = json.dumps({k: v for k, v in train.recipe(args).items() if k != "seed"})
-    if key not in cache:
-        spec = train.DATASETS[args.dataset]
-        with torch.device("meta"):
-            net = train.build_net(args)
-            x = torch.empty(args.batch_size, spec["channels"], 32, 32)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            net(x)
-        cache[key] = 3 * counter.get_total_flops()
-    return cache[key]
-
-
-def run_flops(args):
-    """Training plus evaluation (test, FGSM, train accuracy) FLOPs of one run."""
-    data = train.DATASETS[args.dataset]
-    n_train = min(data["train_images"], args.train_subset or math.inf)
-    per_image = step_flops(args) / args.batch_size
-    evaluation = (n_train + 5 * data["test_images"] + 3 * args.pgd_steps * data["test_images"]) / 3
-    return per_image * (n_train * args.epochs + evaluation)
-
-
-def print_plan(runs, todo):
-    seconds_per_flop = REFERENCE_SECONDS / run_flops(train.parse_args(["--dataset", "cifar10"]))
-    print("| group | runs | to run | est. GPU-hours to run |\n|---|---|---|---|")
-    total = [0, 0, 0.0]
-    for group in dict.fromkeys(run.group for run in runs):
-        n = sum(run.group == group for run in runs)
-        group_todo = [args for run, args in todo if run.group == group]
-        hours = sum(run_flops(args) for args in group_todo) * seconds_per_flop / 3600
-        print(f"| {group} | {n} | {len(group_todo)} | {hours:.1f} |")
-        total = [total[0] + n, total[1] + len(group_todo), total[2] + hours]
-    print(f"| all | {total[0]} | {total[1]} | {total[2]:.1f} |\n")
-    print(f"GPU-hours are estimates: FLOPs relative to a 75-epoch ResNet-20-16 run taken as "
-          f"{REFERENCE_SECONDS} s on one H100.")
-
-
-# -----------------------------------------------------------------------------
-# Running: one run per GPU of GPUS at a time (one at a time without GPUS)
-
-
-def fetch(datasets, data_dir):
-    """Load each dataset once, before parallel runs would download it side by side."""
-    for name in datasets:
-        try:
-            train.load_data(train.parse_args(["--dataset", name, "--data-dir", data_dir]), "cpu")
-        except RuntimeError as e:
-            print(f"experiments.sh: {e}; its runs will fail", file=sys.stderr)
-
-
-def run_all(runs, s):
-    """-> how many of the runs failed; a failure is reported and the others go on."""
-    free = list(s.gpus) or [None]  # a GPU id per slot; one slot without GPUS
-    running = {}  # process -> (run, its GPU)
-    failed = 0
-    for n, run in enumerate(runs, 1):
-        if not free:
-            failed += finish_one(running, free)
-        gpu = free.pop(0)
-        print(f"[{n}/{len(runs)}] " + (f"GPU {gpu}: " if gpu is not None else "") + run.command(s.python))
-        env = s.env if gpu is None else dict(s.env, CUDA_VISIBLE_DEVICES=gpu)
-        Path(run.log).parent.mkdir(parents=True, exist_ok=True)
-        # append: a rerun after a failure (or a second sweep waiting on this run) adds to the log
-        with open(run.log, "a") as log:
-            process = subprocess.Popen([s.python, "train.py", *run.argv], stdout=log, stderr=subprocess.STDOUT, env=env)
-        running[process] = (run, gpu)
-    while running:
-        failed += finish_one(running, free)
-    return failed
-
-
-def finish_one(running, free):
-    """Wait for any one run to end, report it and free its GPU; -> 1 if it failed, else 0."""
-    while not (ended := [p for p in running if p.poll() is not None]):
-        time.sleep(0.2)
-    process = ended[0]
-    run, gpu = running.pop(process)
-    free.append(gpu)
-    lines = Path(run.log).read_text(errors="replace").splitlines() or [""]
-    if process.returncode == 0:  # its result is in results.jsonl (from this run or, on a shared RESULTS, another)
-        print(f"  done: {lines[-1]}")
-        Path(run.checkpoint).unlink(missing_ok=True)  # the run is finished; checkpoints of large E are large
-        return 0
-    print(f"  FAILED (exit {process.returncode}): {lines[-1]}  [{run.log}]")
-    return 1
-
-
-def check_gpus(gpus):
-    count = torch.cuda.device_count()
-    missing = [g for g in gpus if not (g.isdigit() and int(g) < count)]
-    if missing:
-        die(f"GPUS=\"{' '.join(gpus)}\": no GPU {' '.join(missing)} here (torch sees {count} GPU(s))")
-
-
-def check_results_folder(results):
-    problem = train.unwritable(Path(results), "directory")  # creates nothing
-    if problem:
-        die(f"RESULTS={results}: {problem}; give a folder")
-
-
-# -----------------------------------------------------------------------------
-# The report: ours beside the paper's, for each training setting in the results
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, points in curves.items():
+        if points := [(x, y) for x, y in points if y is not None]:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.axhline(baseline, color="grey", linestyle="--", label="baseline")
+    ax.set_xscale("log", base=log_base)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    with atomic_file(Path(folder, "plots", f"{name}.png")) as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return f"![{name}](plots/{name}.png)\n\n{caption}\n"
+
+
+def expansion_figure(folder, rows, ds, where):
+    """Fig. 4's shape: test accuracy against E, frozen and learnable LC, the baseline as a line."""
+    curves = {f"{kind} LC": [(keys["expansion"], cells[f"test acc, {kind}"].value) for _, keys, cells in rows
+                             if keys["expansion"]] for kind in ("frozen", "learnable")}
+    baseline = next(cells["test acc, learnable"].value for _, keys, cells in rows if not keys["expansion"])
+    return plot(folder, f"expansion_{ds}", f"Test accuracy against E on {ds}, runs {where} (Fig. 4).",
+                "LC expansion E", "test accuracy %", curves, baseline, 2) if baseline is not None else ""
+
+
+def length_figure(folder, rows, ds, where):
+    """Each kind's gain over the baseline against the SGD steps of its row."""
+    curves = {kind: [(sgd_steps(keys), cells[f"gain, {kind}"].value) for _, keys, cells in rows]
+              for kind in ("frozen LC x128", "preconditioned x128", "--lc-init 128")}
+    return plot(folder, f"length_{ds}", f"Gain over the baseline against SGD steps on {ds}, runs {where}.",
+                "SGD steps", "test accuracy % − the baseline's", curves, 0, 10)
+
+
+FIGURES = dict(expansion=expansion_figure, length=length_figure)
+
+
+def filters_figure(folder, runs, ds):
+    """The first layer's combined filters of frozen (left) and learnable LC x128 (right) of one setting: the paper's
+    recipe where both ran, else the longest schedule that has both (Fig. 7)."""
+    from torchvision.utils import save_image
+    lc_128, found = {**default_config("resnet"), "dataset": ds, "expansion": 128}, {}
+    for r in sorted(runs, key=lambda r: -r["seed"]):  # the lowest seed last: it stays
+        f = tensor(r.get("first_filters"), 4) if all(r[k] == v for k, v in lc_128.items() if k != "frozen") else None
+        if f is not None and f.shape[1] in (1, 3):
+            found[tuple(r[k] for k in (*SETTING, "precision")), r["frozen"]] = (r, f)
+    both = [key for key, frozen in found if frozen and (key, False) in found]
+    if not both:
+        return ""
+    paper = tuple(train.PARSER.get_default(k) for k in SETTING)
+    key = max(both, key=lambda key: (key[:len(SETTING)] == paper, sgd_steps(found[key, True][0])))
+    (r, frozen), (_, learnable) = found[key, True], found[key, False]
+    left, right = (train.filter_grid(f.float()) for f in (frozen, learnable))  # one model: one shape
+    with atomic_file(Path(folder, "plots", f"filters_{ds}.png")) as f:
+        save_image(torch.cat([left, torch.ones(3, left.shape[1], 24), right], 2), f, format="png")  # a white gap
+    return (f"![filters_{ds}](plots/filters_{ds}.png)\n\nFirst-layer combined filters on {ds}, frozen LC x128 (left) "
+            f"and learnable LC x128 (right), seed {r['seed']}, {describe(r)}; 0 is grey, each on its own scale.\n")
 
 
 def write_report(folder):
-    runs, skipped = load_results(folder)
-    settings = {}
+    runs, skipped, files = load_results(folder)
+    find, parts, figures = finder(runs), [], {}  # figures: (plot, dataset) -> markdown, from the first part showing it
+    def part(where, context, datasets, tables):
+        sections = []
+        for table in tables:
+            fixed = "dataset" in table.base or any("dataset" in row for row in table.rows.values())
+            for ds in [None] if fixed else datasets:
+                rows = evaluate(table, find, {**context, "dataset": ds})
+                sections += [text] if (text := render(table, rows, ds)) else []
+                if text and table.plot and (key := (table.plot, rows[0][1]["dataset"])) not in figures:
+                    figures[key] = FIGURES[table.plot](folder, rows, key[1], where)
+        if sections:  # runs no table shows (of another --width, say): no empty heading
+            parts.append(f"# Runs {where}\n\n" + "\n".join(sections))
+    parts_of = collections.defaultdict(list)  # (setting, precision) -> its runs
     for r in runs:
-        settings.setdefault(tuple(r[k] for k in SETTING), []).append(r)
-    shown = 10  # the lines not used that the report names
-    unused = (f" {len(skipped)} line(s) not used: " + "; ".join(skipped[:shown])
-              + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "") + ".") if skipped else ""
-    parts = [f"# lcconv: our results beside the paper's\n\nEach cell: mean ± std over seeds (number of "
-             f"seeds). {len(runs)} finished runs in results.jsonl.{unused} Paper: Gavrikov & Keuper, "
-             f"arXiv:2301.11360.\n"]
-    for setting, rs in settings.items():
-        sections = [group.report(rs, folder) for group in GROUPS.values() if not group.spans_settings]
-        if not any(sections):  # runs no table shows (of another --width, say): no empty heading
-            continue
-        s = dict(zip(SETTING, setting))
-        # the rest of the setting where it is not the paper's, so that no two parts have one heading
-        rest = "".join(f", {k.replace('_', ' ')} {s[k]}" for k in ("momentum", "label_smoothing", "fgsm_eps",
-                       "pgd_steps") if s[k] != train.PARSER.get_default(k))
-        parts.append(f"# Runs of {s['epochs']} epoch(s) on " + (f"the first {s['train_subset']} training images"
-                     if s["train_subset"] else "the full training set")
-                     + f", batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}{rest}\n")
-        parts += sections
-    parts += [group.report(runs, folder) for group in GROUPS.values() if group.spans_settings]
+        parts_of[tuple(r[k] for k in (*SETTING, "precision"))].append(r)
+    for key, rs in sorted(parts_of.items(), key=lambda p: -len(p[1])):  # the parts with the most runs first
+        context = dict(zip((*SETTING, "precision"), key))
+        part(f"of {describe(context)}", context, sorted({r["dataset"] for r in rs}), [t for t in TABLES if not t.spans])
+    for precision, _ in collections.Counter(r["precision"] for r in runs).most_common():
+        context = {**{k: train.PARSER.get_default(k) for k in SETTING}, "precision": precision}
+        part(f"across training lengths, {precision} (the rest of the setting the paper's)", context, [],
+             [t for t in TABLES if t.spans])
+    figures = [*figures.values(), *(filters_figure(folder, runs, ds) for ds in sorted({r["dataset"] for r in runs}))]
+    figures = [f for f in figures if f]
+    unused = (f" {len(skipped)} line(s) not used: " + "; ".join(skipped[:10])  # the first 10 named
+              + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "") + ".") if skipped else ""
+    head = (f"# lcconv: our results beside the paper's\n\nEach cell: mean ± std over seeds (number of seeds). "
+            f"{len(runs)} finished runs in {len(files)} results file(s) ({', '.join(f.name for f in files) or 'none'})."
+            f"{unused} Paper: Gavrikov & Keuper, arXiv:2301.11360.\n")
     with atomic_file(Path(folder, "REPORT.md")) as f:
-        f.write("\n".join(p for p in parts if p).encode())
-    print(f"wrote {folder}/REPORT.md" + (f" ({len(skipped)} line(s) of results.jsonl not used, named there)"
-                                         if skipped else ""))
+        f.write("\n".join([head, *["## Figures\n\n" + "\n".join(figures)] * bool(figures), *parts]).encode())
+    print(f"wrote {folder}/REPORT.md" + f" ({len(skipped)} line(s) of the results files not used, named there)"
+          * bool(skipped))
 
 
 # -----------------------------------------------------------------------------
 # Main
 
 
-def usage():
-    groups = "\n".join(f"  {name:<12}{group.figure}" for name, group in GROUPS.items())
-    return f"{__doc__}\nGroups (QUICK=1 runs {' '.join(QUICK_GROUPS)} by default):\n{groups}\n"
-
-
 def main(argv, env):
     """-> the exit status."""
-    list_only = report_only = False
-    names = []
-    for arg in argv:
-        if arg == "--list":
-            list_only = True
-        elif arg == "report":
-            report_only = True
-        elif arg in ("-h", "--help"):
-            print(usage(), end="")
-            return 0
-        elif arg in GROUPS:
-            names.append(arg)
-        else:
-            die(f"unknown group '{arg}'; groups: {' '.join(GROUPS)}, report, --list")
+    if "-h" in argv or "--help" in argv:
+        print(f"{__doc__}\nGroups (QUICK=1 runs {' '.join(QUICK_GROUPS)} by default):")
+        print("".join(f"  {name:<12}{group.figure}\n" for name, group in GROUPS.items()), end="")
+        return 0
+    if unknown := [arg for arg in argv if arg not in (*GROUPS, "--list", "report")]:
+        die(f"unknown group '{unknown[0]}'; groups: {' '.join(GROUPS)}, report, --list")
     if MISSING:
         die(f"{sys.executable} has no module '{MISSING}': pip install -r requirements.txt for it, or set PYTHON "
             f"to a Python that has them")
     s = read_settings(env)
-    groups = [GROUPS[n] for n in names or (QUICK_GROUPS if s.quick else GROUPS)]
-    if list_only:
-        for group in groups:
-            for run in runs_of(group, s):
-                print(run.command(s.python))
+    groups = [GROUPS[n] for n in [a for a in argv if a in GROUPS] or (QUICK_GROUPS if s.quick else GROUPS)]
+    if "--list" in argv:
+        print("".join(shlex.join([s.python, "train.py", *run.argv]) + "\n" for run in runs_of(groups, s)), end="")
         return 0
-    if report_only:
-        check_results_folder(s.results)
+    if problem := train.unwritable(Path(s.results), "directory"):  # creates nothing
+        die(f"RESULTS={s.results}: {problem}; give a folder")
+    if "report" in argv:
         write_report(s.results)
         return 0
-    check_gpus(s.gpus)
-    check_results_folder(s.results)
-    runs = [run for group in groups for run in runs_of(group, s)]
-    todo = unfinished(runs, s)
+    runs = runs_of(groups, s)
+    todo = unfinished(runs)
     if not s.quick:
         print_plan(runs, todo)
-        if not torch.cuda.is_available():
-            print("WARNING: no GPU found; the full recipe takes days on a CPU (QUICK=1 scales it down)",
-                  file=sys.stderr)
-    fetch(dict.fromkeys(args.dataset for _, args in todo), s.data_dir)
-    failed, report_failed = 0, False
+    failed = report_failed = 0
     for group in groups:
         print(f"== {group.name}")
-        # again per group: a config that an earlier group shares has its result by now
-        failed += run_all([run for run, _ in unfinished(runs_of(group, s), s)], s)
+        todo = unfinished(runs_of([group], s))  # again per group: a config an earlier group shares is done by now
+        for n, (run, _) in enumerate(todo, 1):
+            print(f"[{n}/{len(todo)}] {shlex.join([s.python, 'train.py', *run.argv])}")
+            failed += not run_one(run, s)
         try:
             write_report(s.results)
         except Exception as e:  # a bug in the report must not stop the later groups' runs; it is said, not hidden
             where = traceback.extract_tb(e.__traceback__)[-1]
             print(f"experiments.sh: the report failed ({type(e).__name__}: {e}, in {where.name} at "
                   f"{Path(where.filename).name}:{where.lineno}); the sweep goes on", file=sys.stderr)
-            report_failed = True
+            report_failed = 1
     if failed:
         print(f"{failed} run(s) failed; rerun the same command to retry them (finished runs are skipped)",
               file=sys.stderr)
