@@ -6,7 +6,7 @@ The recipe is the paper's (Appendix A): 75 epochs, SGD with Nesterov momentum 0.
 with cosine annealing, weight decay 0.01, batch 256, label smoothing 0.1, the last epoch
 evaluated. The dataset lives on the device as one uint8 tensor and is cropped and flipped
 there a batch at a time (as in airbench), so the GPU never waits for data. The model runs
-channels_last, in bf16 autocast where the device does bf16 natively (--precision).
+channels_last, in bf16 autocast where that is faster than fp32 (--precision).
 
     python train.py --dataset cifar10 --expansion 128 --frozen     # ResNet-LC-20-16x128, frozen
     python train.py --expansion 128 --frozen --preconditioned       # the same run as one conv per layer
@@ -244,7 +244,7 @@ def pick_device(name):
 def native_bf16(device):
     """Whether bf16 runs faster than fp32 on the device: CUDA GPUs with bf16 units; CPUs with
     AMX, or AMD's with AVX512_BF16. An Intel CPU with AVX512_BF16 but no AMX ran train.py's step
-    1.2x slower in bf16 (oneDNN's bf16 convs there are slower than its fp32 ones): fp32."""
+    1.08-1.36x slower in bf16 (oneDNN's bf16 convs there are slower than its fp32 ones): fp32."""
     if device.type == "cuda":
         try:
             return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -275,6 +275,9 @@ def code_version():
     """A short hash of lcconv.py and train.py: which code wrote a result."""
     here = Path(__file__).resolve().parent
     return hashlib.sha1(b"".join((here / f).read_bytes() for f in ("lcconv.py", "train.py"))).hexdigest()[:10]
+
+
+CODE_VERSION = code_version()  # at start: the code that runs, even if the files change during a run
 
 
 # -----------------------------------------------------------------------------
@@ -720,7 +723,7 @@ def run(args, config, device):
         train_loss=train_loss, params_learnable=learnable, params_total=total,
         **filter_metrics(model.net),
         epoch_time_s=sum(epoch_times) / len(epoch_times), peak_mem_mb=peak_memory_mb(device),
-        device=device_name(device), hardware=hardware(device), torch=torch.__version__, code=code_version())
+        device=device_name(device), hardware=hardware(device), torch=torch.__version__, code=CODE_VERSION)
     if args.preconditioned:  # the LC-Block it trains as, counted without building it
         with torch.device("meta"):
             blocks = build_net(argparse.Namespace(**{**vars(args), "preconditioned": False}))
@@ -816,7 +819,7 @@ def benchmark(args, device, rounds=None):
         for key, t in times.items():
             t.append(time_steps(runs[key[:2]], key[2], device, seconds))
     print(f"Training step, batch {args.batch_size}, 32×32, channels_last, {hardware(device)}, torch "
-          f"{torch.__version__}, code {code_version()}; median of {rounds} interleaved rounds; ratios: median "
+          f"{torch.__version__}, code {CODE_VERSION}; median of {rounds} interleaved rounds; ratios: median "
           "[interquartile range] of the per-round ratios\n")
     print("| model | LC path | precision | ms/step | × baseline | × fp32 | peak MB | × baseline |")
     print("|---|---|---|---|---|---|---|---|")
