@@ -1365,8 +1365,8 @@ def test_list_default_quick_recipe_and_names(sweep, capsys):
               for c in listed(sweep, capsys, "recipe", SEEDS="0", EPOCHS="3", TRAIN_SUBSET="5000")]
     assert [(a.epochs, a.expansion, a.frozen, a.lc_init) for a in recipe] == [
         (75, 0, False, None), (75, 128, True, None), (75, 128, False, None), (75, 0, False, 128),
-        (5, 0, False, None), (5, 128, True, None), (5, 0, False, 128),
-        (15, 0, False, None), (15, 128, True, None), (15, 0, False, 128)]
+        (5, 0, False, None), (5, 128, True, None), (5, 128, False, None), (5, 0, False, 128),
+        (15, 0, False, None), (15, 128, True, None), (15, 128, False, None), (15, 0, False, 128)]
     assert all(a.dataset == "fashionmnist" and a.train_subset is None for a in recipe)
     assert [a.out for a in recipe[3:5]] == ["results/fashionmnist-75ep.jsonl", "results/fashionmnist-5ep.jsonl"]
     assert listed(sweep, capsys, "recipe", DATASETS="cifar10") == []
