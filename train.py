@@ -268,7 +268,8 @@ def hardware(device):
         return torch.cuda.get_device_name(device)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    return f"{cpu or platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu or platform.processor() or 'cpu'}, {threads} thread{'s' * (threads > 1)}"
 
 
 def code_version():
