@@ -272,13 +272,10 @@ def hardware(device):
     return f"{cpu or platform.processor() or 'cpu'}, {threads} thread{'s' * (threads > 1)}"
 
 
-def code_version():
-    """A short hash of lcconv.py and train.py: which code wrote a result."""
-    here = Path(__file__).resolve().parent
-    return hashlib.sha1(b"".join((here / f).read_bytes() for f in ("lcconv.py", "train.py"))).hexdigest()[:10]
-
-
-CODE_VERSION = code_version()  # at start: the code that runs, even if the files change during a run
+# a short hash of lcconv.py and train.py, which code wrote a result: taken at start, so it names the
+# code that runs even if the files change during a run
+CODE_VERSION = hashlib.sha1(b"".join((Path(__file__).resolve().parent / f).read_bytes()
+                                     for f in ("lcconv.py", "train.py"))).hexdigest()[:10]
 
 
 # -----------------------------------------------------------------------------
