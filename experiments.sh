@@ -96,7 +96,7 @@ def read_settings(env):
 # keys and the column's, every seed: runs of another value of any flag (one added to train.py later too) stay out.
 
 # config: keys beyond the row's, as a dict, a list of dicts (their runs pooled) or a function of the row's keys
-# giving either; minus: for a gain column, the keys whose mean metric it subtracts
+# giving either; minus: for a gain column, the keys whose metric it subtracts, seed by seed
 Column = collections.namedtuple("Column", "config metric minus", defaults=("test_acc", None))
 
 
@@ -335,6 +335,16 @@ LENGTH_FASHIONMNIST = length_table(  # its first row: the QUICK length group's 1
                      "preconditioned x128": dict(FROZEN_128, preconditioned=True), "--lc-init 128": lc_init(128)},
     {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000), **SCHEDULES}, fgsm=("baseline", "frozen LC x128", "--lc-init 128"),
     found="Paper: at 75 epochs only, frozen LC x128 +0.00 over the baseline (Table 1).", min_rows=1, plot="length")
+# Is the init forgotten? Under BatchNorm a filter's scale is invisible to the loss but sets its effective learning rate,
+# and weight decay pulls every norm to one equilibrium; frozen LC xE trains as the plain net from K/sqrt(alpha)
+FORGOTTEN_FASHIONMNIST = Table(
+    "Is the init forgotten? RMS of the first layer's filters by schedule: the baseline, --lc-init 128 (started "
+    "sqrt(alpha) = 8.7 times smaller) and frozen LC x128's combined filters over sqrt(alpha)", "schedule",
+    {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000), **SCHEDULES},
+    {"baseline": Column({}, "first_rms"), "--lc-init 128": Column(lc_init(128), "first_rms"),
+     "frozen LC x128 / sqrt(alpha)": Column(FROZEN_128, "first_rms_limit")}, base=dict(dataset="fashionmnist"),
+    spans=True, min_rows=1, found="Not in the paper. At init: baseline 0.192, the other two 0.0128; if the init is "
+    "forgotten, --lc-init 128 meets the baseline; if frozen LC trains as the limit, it tracks --lc-init 128.")
 
 
 @group("recipe", "the paper's recipe on all of Fashion-MNIST, for a CPU: 75 epochs, and 5 and 15", Table(
@@ -343,7 +353,8 @@ LENGTH_FASHIONMNIST = length_table(  # its first row: the QUICK length group's 1
     {"ours": Column({})}, base=dict(dataset="fashionmnist"), spans=True, min_rows=1,
     paper={label: dict(ours=p) for label, p in zip(("baseline", "LC learnable x128", "LC frozen x128"),
                                                   PAPER_TABLE1["fashionmnist"])},
-    found="Paper (4 seeds): frozen LC x128 ties the baseline; learnable LC x128 is 0.21 below."), LENGTH_FASHIONMNIST)
+    found="Paper (4 seeds): frozen LC x128 ties the baseline; learnable LC x128 is 0.21 below."), LENGTH_FASHIONMNIST,
+    FORGOTTEN_FASHIONMNIST)
 def recipe_runs(s):  # its own schedules on all 60,000 images: EPOCHS and TRAIN_SUBSET do not apply
     for epochs in (75, 5, 15):
         for kind in [[], ["--expansion", 128, "--frozen"], ["--expansion", 128], ["--lc-init", 128]]:
@@ -351,7 +362,7 @@ def recipe_runs(s):  # its own schedules on all 60,000 images: EPOCHS and TRAIN_
 
 
 @group("length", "why it works over time (beyond the paper): E = 4, 128, 2048 at 5, 15 and EPOCHS epochs; QUICK: "
-       "its 100-step runs at E = 128", LENGTH_FASHIONMNIST, *(length_table(  # past E = 128 frozen LC preconditioned
+       "its 100-step runs at E = 128", LENGTH_FASHIONMNIST, FORGOTTEN_FASHIONMNIST, *(length_table(  # past E = 128 frozen LC preconditioned
            "cifar10", {f"frozen LC x{e}": dict(expansion=e, frozen=True, preconditioned=e > 128), "limit": limit(e),
                        "init": lc_init(e), "learnable LC": dict(expansion=e)},
            found="Not in the paper, which trains 75 epochs.") for e in (4, 128, 2048)))
@@ -482,7 +493,8 @@ def run_one(run, s):
 # a run's training and evaluation setting: the report has a part for each one it finds
 SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps",
            "pgd_steps")
-FORMATS = dict(params_learnable="{:,.0f}", spread="{:.3g}", spread_mp="{:.3g}")  # else "{:.2f}"
+FORMATS = dict(params_learnable="{:,.0f}", spread="{:.3g}", spread_mp="{:.3g}", first_rms="{:.3f}",
+               first_rms_limit="{:.3f}")  # else "{:.2f}"
 Cell = collections.namedtuple("Cell", "text value")  # value: the mean (or gain) a figure draws
 
 
@@ -530,6 +542,10 @@ def metrics(r):
                             ("spread", "spread", max), ("spread_mp", "spread_mp", max)]:  # over the layers
         values = [v for v in (number(layer.get(key)) for layer in layers) if v is not None]
         out[name] = pick(values) if values else None
+    f = tensor(r.get("first_filters"), 4)  # the first layer's filters: their RMS, and over sqrt(alpha) for frozen LC
+    out["first_rms"] = f.square().mean().sqrt().item() if f is not None else None
+    first_alpha = number(layers[0].get("alpha")) if layers else None
+    out["first_rms_limit"] = out["first_rms"] / math.sqrt(first_alpha) if out["first_rms"] and first_alpha else None
     v, out["centre_ring"] = tensor(r.get("spatial_variance"), 2), None  # Fig. 8b: centre over outer ring
     if v is not None and v.shape[0] == v.shape[1]:
         ring, c = torch.cat([v[0], v[-1], v[1:-1, 0], v[1:-1, -1]]), len(v) // 2
@@ -580,10 +596,12 @@ def evaluate(table, find, context):
             mean, f = statistics.mean(values) if values else None, FORMATS.get(column.metric, "{:.2f}").format
             spread = f" ± {f(statistics.stdev(values))}" if len(values) > 1 else ""  # over seeds
             cells[name] = Cell(f"{f(mean)}{spread} ({len(values)})" if values else "—", mean)
-            if column.minus is not None:  # a difference of means
-                others = [r[column.metric] for r in find(keys, column.minus) if r[column.metric] is not None]
-                gain = mean - statistics.mean(others) if values and others else None
-                cells[name] = Cell("—" if gain is None else f"{gain:+.2f}", gain)
+            if column.minus is not None:  # paired by seed: the mean difference over the seeds both have
+                others = {r["seed"]: r[column.metric] for r in find(keys, column.minus) if r[column.metric] is not None}
+                gains = [r[column.metric] - others[r["seed"]] for r in find(keys, column.config)
+                         if r[column.metric] is not None and r["seed"] in others]
+                gain = statistics.mean(gains) if gains else None
+                cells[name] = Cell("—" if gain is None else f"{gain:+.2f} ({len(gains)})", gain)
         rows.append((label, keys, cells))
     return rows
 

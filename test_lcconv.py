@@ -1512,7 +1512,7 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
     table3 = table(report, "Table 3", part)["bn_relu"]  # learnable, then frozen, each with the paper's beside
     assert (table3["learnable"], table3["paper"], table3["frozen"], table3["paper 2"]) == (
         learnable, "94.72 ± 0.16", frozen, "93.26 ± 0.18")
-    assert table(report, "Fig. 1", part)["mobilenet_v2"]["drop"] == "-2.00"
+    assert table(report, "Fig. 1", part)["mobilenet_v2"]["drop"] == "-2.00 (2)"
     mechanism = table(report, "Why it works: frozen LC xE", part)
     assert mechanism["32768"]["limit"] == learnable and mechanism["8192"]["preconditioned"] == frozen
     basis = table(report, "The random basis", part)["128"]  # pooled: folded and preconditioned, two seeds each
@@ -1522,7 +1522,7 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
     assert init["frozen LC x512"]["its limit, center"] == learnable and init["frozen LC x8"]["test acc, center"] == frozen
     length = table(report, "The length axis on cifar10: frozen LC x2048", "across training lengths")
     assert [row["SGD steps"] for row in length.values()] == ["980", "2,940", "14,700"]  # 5, 15, 75 epochs
-    assert all(row["gain, frozen LC x2048"] == "+2.00" for row in length.values())
+    assert all(row["gain, frozen LC x2048"] == "+2.00 (2)" for row in length.values())
     for (_, title), rows in tables(report).items():  # each run once (the basis pools two forms of two seeds)
         assert title.startswith("The random basis") or not any(c.endswith("(4)") for r in rows.values() for c in r.values())
     assert (tmp_path / "plots" / "expansion_cifar10.png").exists() == HAS_MATPLOTLIB
@@ -1603,7 +1603,7 @@ def test_report_of_committed_recipe_results_has_its_tables_and_filters(sweep, ca
     env = dict(SEEDS="0 1", RESULTS=str(tmp_path))
     accuracy = {(75, "baseline"): (93.1, 93.5), (75, "frozen"): (93.6, 93.8), (75, "learnable"): (93.0,),
                 (75, "init"): (93.9,), (5, "baseline"): (91.8,), (5, "frozen"): (92.3,), (5, "init"): (92.7,)}
-    lines = []
+    lines, rms = [], {}
     for command in listed(sweep, capsys, "recipe", **env):
         args = train.parse_args(command.split()[2:])
         kind = "init" if args.lc_init else "frozen" if args.frozen else "learnable" if args.expansion else "baseline"
@@ -1613,8 +1613,9 @@ def test_report_of_committed_recipe_results_has_its_tables_and_filters(sweep, ca
         if args.seed == 0 and kind in ("baseline", "frozen"):  # written before train.py recorded these
             r.pop("precision")
         else:
-            filters = torch.randn(16, 1, 3, 3, generator=torch.Generator().manual_seed(len(lines)))
+            filters = torch.randn(16, 1, 3, 3, generator=torch.Generator().manual_seed(len(lines))).double()
             r.update(hardware="AMD EPYC, 2 threads", code="0123456789", first_filters=filters.tolist())
+            rms[args.epochs, kind] = filters.square().mean().sqrt().item()
         lines.append((path, r))
     write_lines(lines)
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["fashionmnist-5ep.jsonl", "fashionmnist-75ep.jsonl"]
@@ -1627,9 +1628,17 @@ def test_report_of_committed_recipe_results_has_its_tables_and_filters(sweep, ca
     assert recipe["baseline"]["SGD steps"] == "17,625"
     length = table(report, "The length axis on fashionmnist", "fp32")
     assert list(length) == ["5 epochs", "75 epochs"]  # no 15-epoch runs yet, no QUICK ones here
-    assert length["5 epochs"]["SGD steps"] == "1,175" and length["5 epochs"]["gain, frozen LC x128"] == "+0.50"
-    assert length["5 epochs"]["gain, --lc-init 128"] == "+0.90" and length["75 epochs"]["gain, frozen LC x128"] == "+0.40"
+    assert length["5 epochs"]["SGD steps"] == "1,175" and length["5 epochs"]["gain, frozen LC x128"] == "+0.50 (1)"
+    assert length["5 epochs"]["gain, --lc-init 128"] == "+0.90 (1)" and length["75 epochs"]["gain, frozen LC x128"] == "+0.40 (2)"
     assert length["75 epochs"]["FGSM frozen LC x128"] == summary([83.6, 83.8])
+    # a gain pairs runs by seed: seed 0's learnable and --lc-init runs against seed 0's baseline (93.1), not the mean
+    assert length["75 epochs"]["gain, learnable LC x128"] == "-0.10 (1)"
+    assert length["75 epochs"]["gain, --lc-init 128"] == "+0.80 (1)"
+    forgotten = table(report, "Is the init forgotten?", "fp32")  # the first layer's filter RMS; frozen LC's over
+    assert forgotten["75 epochs"] == {"schedule": "75 epochs", "SGD steps": "17,625",  # sqrt(its first layer's alpha)
+                                      "baseline": f"{rms[75, 'baseline']:.3f} (1)",
+                                      "--lc-init 128": f"{rms[75, 'init']:.3f} (1)",
+                                      "frozen LC x128 / sqrt(alpha)": f"{rms[75, 'frozen'] / math.sqrt(4.7):.3f} (1)"}
     grid = train.filter_grid(torch.zeros(16, 1, 3, 3))
     image = PIL.Image.open(tmp_path / "plots" / "filters_fashionmnist.png")
     assert image.size == (2 * grid.shape[2] + 24, grid.shape[1]) and image.mode == "RGB"
