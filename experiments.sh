@@ -546,7 +546,8 @@ def metrics(r):
     f = tensor(r.get("first_filters"), 4)  # the first layer's filters: their RMS, and over sqrt(alpha) for frozen LC
     out["first_rms"] = f.square().mean().sqrt().item() if f is not None else None
     first_alpha = number(layers[0].get("alpha")) if layers else None
-    out["first_rms_limit"] = out["first_rms"] / math.sqrt(first_alpha) if out["first_rms"] and first_alpha else None
+    out["first_rms_limit"] = (out["first_rms"] / math.sqrt(first_alpha) if out["first_rms"] is not None
+                              and (first_alpha or 0) > 0 else None)  # a malformed alpha draws nothing
     v, out["centre_ring"] = tensor(r.get("spatial_variance"), 2), None  # Fig. 8b: centre over outer ring
     if v is not None and v.shape[0] == v.shape[1]:
         ring, c = torch.cat([v[0], v[-1], v[1:-1, 0], v[1:-1, -1]]), len(v) // 2

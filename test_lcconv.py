@@ -1539,7 +1539,8 @@ def test_report_skips_and_counts_the_lines_it_cannot_use_in_any_file(sweep, caps
     malformed = dict(good[2][1], fgsm_acc="x", spatial_variance=[[1.0, 2.0], [3.0]], basis="x", first_filters=[[1]])
     write_lines([(path, line) for line in odd] + good[:2] + [(path, malformed)])
     cifar = listed(sweep, capsys, "table1", DATASETS="cifar10", SEEDS="0", RESULTS=str(tmp_path))[0]
-    write_lines([(tmp_path / "cifar10-75ep.jsonl", "{"), made_up(cifar, 70.0)])  # another file, its own odd line
+    write_lines([(tmp_path / "cifar10-75ep.jsonl", "{"),  # another file, its own odd line, and an alpha below 0
+                 made_up(cifar, 70.0, first_filters=[[[[1.0]]]], basis=[dict(alpha=-1.0)])])
     assert sweep.main(["report"], {**CLEAN_ENV, **env}) == 0
     assert "11 line(s) of the results files not used" in capsys.readouterr().out
     report = (tmp_path / "REPORT.md").read_text()
