@@ -544,7 +544,7 @@ def metrics(r):
         values = [v for v in (number(layer.get(key)) for layer in layers) if v is not None]
         out[name] = pick(values) if values else None
     f = tensor(r.get("first_filters"), 4)  # the first layer's filters: their RMS, and over sqrt(alpha) for frozen LC
-    out["first_rms"] = f.square().mean().sqrt().item() if f is not None else None
+    out["first_rms"] = number(f.square().mean().sqrt().item()) if f is not None else None
     first_alpha = number(layers[0].get("alpha")) if layers else None
     out["first_rms_limit"] = (out["first_rms"] / math.sqrt(first_alpha) if out["first_rms"] is not None
                               and (first_alpha or 0) > 0 else None)  # a malformed alpha draws nothing
