@@ -333,7 +333,8 @@ def length_table(ds, kinds, rows=SCHEDULES, fgsm=(), **keys):
 LENGTH_FASHIONMNIST = length_table(  # its first row: the QUICK length group's 100 SGD steps
     "fashionmnist", {"frozen LC x128": FROZEN_128, "learnable LC x128": LC_128,
                      "preconditioned x128": dict(FROZEN_128, preconditioned=True), "--lc-init 128": lc_init(128)},
-    {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000), **SCHEDULES}, fgsm=("baseline", "frozen LC x128", "--lc-init 128"),
+    {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000), **SCHEDULES},
+    fgsm=("baseline", "frozen LC x128", "--lc-init 128"),
     found="Paper: at 75 epochs only, frozen LC x128 +0.00 over the baseline (Table 1).", min_rows=1, plot="length")
 # Is the init forgotten? Under BatchNorm a filter's scale sets only its effective learning rate, and weight decay pulls
 # every norm to one equilibrium; frozen LC xE trains as the plain net from K/sqrt(alpha), which is --lc-init E
@@ -361,7 +362,8 @@ def recipe_runs(s):  # its own schedules on all 60,000 images: EPOCHS and TRAIN_
 
 
 @group("length", "why it works over time (beyond the paper): E = 4, 128, 2048 at 5, 15 and EPOCHS epochs; QUICK: "
-       "its 100-step runs at E = 128", LENGTH_FASHIONMNIST, FORGOTTEN_FASHIONMNIST, *(length_table(  # past E = 128 frozen LC preconditioned
+       "its 100-step runs at E = 128", LENGTH_FASHIONMNIST, FORGOTTEN_FASHIONMNIST,
+       *(length_table(  # past E = 128 frozen LC preconditioned
            "cifar10", {f"frozen LC x{e}": dict(expansion=e, frozen=True, preconditioned=e > 128), "limit": limit(e),
                        "init": lc_init(e), "learnable LC": dict(expansion=e)},
            found="Not in the paper, which trains 75 epochs.") for e in (4, 128, 2048)))
@@ -592,14 +594,14 @@ def evaluate(table, find, context):
     for label, row in table.rows.items():
         keys, cells = {**context, **table.base, **row}, {}
         for name, column in table.columns.items():
-            values = [r[column.metric] for r in find(keys, column.config) if r[column.metric] is not None]
+            found = [r for r in find(keys, column.config) if r[column.metric] is not None]
+            values = [r[column.metric] for r in found]
             mean, f = statistics.mean(values) if values else None, FORMATS.get(column.metric, "{:.2f}").format
             spread = f" ± {f(statistics.stdev(values))}" if len(values) > 1 else ""  # over seeds
             cells[name] = Cell(f"{f(mean)}{spread} ({len(values)})" if values else "—", mean)
             if column.minus is not None:  # paired by seed: the mean difference over the seeds both have
                 others = {r["seed"]: r[column.metric] for r in find(keys, column.minus) if r[column.metric] is not None}
-                gains = [r[column.metric] - others[r["seed"]] for r in find(keys, column.config)
-                         if r[column.metric] is not None and r["seed"] in others]
+                gains = [r[column.metric] - others[r["seed"]] for r in found if r["seed"] in others]
                 gain = statistics.mean(gains) if gains else None
                 cells[name] = Cell("—" if gain is None else f"{gain:+.2f} ({len(gains)})", gain)
         rows.append((label, keys, cells))
