@@ -1144,13 +1144,13 @@ def test_old_result_lines_match_with_the_new_flags_at_their_defaults():
     assert not train.has_result([dict(old, device="cpu", preconditioned=True)], config)
 
 
-@pytest.mark.parametrize("cpu, precision", [
-    (dict(cpu_name="AMD EPYC 9B14", avx512_bf16=True, amx_bf16=False), "bf16"),
-    (dict(cpu_name="Intel Xeon", avx512_bf16=True, amx_bf16=True), "bf16"),
-    (dict(cpu_name="Intel Xeon", avx512_bf16=True, amx_bf16=False), "fp32"),  # measured slower in bf16
-    (dict(cpu_name="AMD EPYC 7B13", avx512_bf16=False, amx_bf16=False), "fp32"),  # bf16 emulated
-    (None, "fp32")])  # a torch without the check
-def test_precision_auto_is_bf16_only_where_it_is_faster(monkeypatch, cpu, precision):
+@pytest.mark.parametrize("cpu, precision, units", [
+    (dict(cpu_name="AMD EPYC 9B14", avx512_bf16=True, amx_bf16=False), "bf16", "AVX512_BF16"),
+    (dict(cpu_name="Intel Xeon", avx512_bf16=True, amx_bf16=True), "bf16", "AMX"),
+    (dict(cpu_name="Intel Xeon", avx512_bf16=True, amx_bf16=False), "fp32", "AVX512_BF16"),  # measured slower
+    (dict(cpu_name="AMD EPYC 7B13", avx512_bf16=False, amx_bf16=False), "fp32", None),  # bf16 emulated
+    (None, "fp32", None)])  # a torch without the check
+def test_precision_auto_is_bf16_only_where_it_is_faster(monkeypatch, cpu, precision, units):
     if cpu is None:
         monkeypatch.delattr(torch.cpu, "get_capabilities")
     else:
@@ -1159,6 +1159,9 @@ def test_precision_auto_is_bf16_only_where_it_is_faster(monkeypatch, cpu, precis
     assert args.precision == precision and train.recipe(args)["precision"] == precision
     assert train.parse_args(["--device", "cpu", "--precision", "bf16"]).precision == "bf16"
     assert train.parse_args(["--device", "cpu", "--precision", "fp32"]).precision == "fp32"
+    # the result line's hardware names the units that decided, since CPU model names can hide them
+    hardware = train.hardware(torch.device("cpu"))
+    assert f"({units}), " in hardware if units else not any(u in hardware for u in ("AMX", "BF16"))
 
 
 def run_train(argv, **kwargs):

@@ -263,13 +263,16 @@ def device_name(device):
 
 
 def hardware(device):
-    """The GPU's name, or the CPU's model and the threads torch uses."""
+    """The GPU's name, or the CPU's model, its bf16 units (one model name covers Xeons with and
+    without AMX, which `auto` treats apart) and the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    units = getattr(torch.cpu, "get_capabilities", dict)()
+    units = "AMX" if units.get("amx_bf16") else "AVX512_BF16" if units.get("avx512_bf16") else None
     threads = torch.get_num_threads()
-    return f"{cpu or platform.processor() or 'cpu'}, {threads} thread{'s' * (threads > 1)}"
+    return f"{cpu or platform.processor() or 'cpu'}{f' ({units})' * bool(units)}, {threads} thread{'s' * (threads > 1)}"
 
 
 # a short hash of lcconv.py and train.py, which code wrote a result: taken at start, so it names the
