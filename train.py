@@ -241,6 +241,11 @@ def pick_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+def cpu_capabilities():
+    """torch's CPU feature flags (a private function; absent in older torch, which reads as none)."""
+    return getattr(torch.cpu, "get_capabilities", dict)()
+
+
 def native_bf16(device):
     """Whether bf16 runs faster than fp32 on the device: CUDA GPUs with bf16 units; CPUs with
     AMX, or AMD's with AVX512_BF16. An Intel CPU with AVX512_BF16 but no AMX ran train.py's step
@@ -250,7 +255,7 @@ def native_bf16(device):
             return torch.cuda.is_bf16_supported(including_emulation=False)
         except TypeError:  # torch < 2.4 counts no emulation
             return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch.cpu, "get_capabilities", dict)()  # absent in older torch: fp32
+    cpu = cpu_capabilities()
     return bool(cpu.get("amx_bf16") or cpu.get("avx512_bf16") and str(cpu.get("cpu_name", "")).startswith("AMD"))
 
 
@@ -269,8 +274,8 @@ def hardware(device):
         return torch.cuda.get_device_name(device)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    units = getattr(torch.cpu, "get_capabilities", dict)()
-    units = "AMX" if units.get("amx_bf16") else "AVX512_BF16" if units.get("avx512_bf16") else None
+    flags = cpu_capabilities()
+    units = "AMX" if flags.get("amx_bf16") else "AVX512_BF16" if flags.get("avx512_bf16") else None
     threads = torch.get_num_threads()
     return f"{cpu or platform.processor() or 'cpu'}{f' ({units})' * bool(units)}, {threads} thread{'s' * (threads > 1)}"
 
