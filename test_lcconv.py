@@ -166,6 +166,23 @@ def test_learnable_filters_change():
     assert not block.frozen and not torch.equal(before, block.spatial.weight)
 
 
+def test_fused_sgd_gives_the_default_sgds_updates():
+    """train.py's optimizer is fused for speed: over steps of train_step it tracks the plain SGD."""
+    torch.manual_seed(0)
+    models = [lc_resnet(expansion=4), lc_resnet(expansion=4)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = train.make_optimizer(models[0], 0.1, 0.9, 0.01)
+    params = [p for p in models[1].parameters() if p.requires_grad]
+    plain = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(5):
+        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+        for model, optimizer in zip(models, (fused, plain)):
+            train.train_step(model, optimizer, x, y, 0.1, "fp32")
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-5), f"{name}: {(a - b).abs().max():.2e}"
+
+
 # -----------------------------------------------------------------------------
 # Parameter counts: the paper's 272,474 and closed forms for ResNet-LC-D-WxE
 
@@ -715,7 +732,7 @@ def test_bad_arguments_raise_value_error(build, message):
 
 
 RESULT_KEYS = ["test_acc", "train_acc", "fgsm_acc", "pgd_acc", "params_learnable", "params_total", "fve_first",
-               "fve_last", "fve_first_raw", "fve_last_raw", "epoch_time_s", "peak_mem_mb", "spatial_variance",
+               "fve_last", "fve_first_raw", "fve_last_raw", "epoch_time_median_s", "peak_mem_mb", "spatial_variance",
                "train_loss", "device", "torch", "dataset", "model", "expansion", "frozen", "seed", "epochs",
                "preconditioned", "basis", "precision", "hardware", "code", "first_filters"]
 METRICS = ["test_acc", "train_acc", "fgsm_acc", "train_loss", "fve_first", "fve_last", "spatial_variance", "basis"]
