@@ -6,9 +6,8 @@
 exec "${PYTHON:-python}" "$0" "$@"
 """
 __doc__ = """\
-Reproduce the CIFAR-scale results of Gavrikov & Keuper, "The Power of Linear Combinations: Learning with Random
-Convolutions" (arXiv:2301.11360): the train.py runs behind its tables and figures, then $RESULTS/REPORT.md with ours
-beside the paper's numbers, and plots in $RESULTS/plots.
+Reproduce Gavrikov & Keuper, "The Power of Linear Combinations: Learning with Random Convolutions" (arXiv:2301.11360):
+the train.py runs behind its tables and figures, then $RESULTS/REPORT.md, ours beside the paper's, and its plots.
 
   bash experiments.sh                     every group below, one run at a time, then the report
   bash experiments.sh kernel ablation     only these groups
@@ -26,15 +25,14 @@ fashionmnist" (groups keep only runs on these)  DATA_DIR=./data  RESULTS=results
 first N images)  TRAIN_ARGS="" (added to every run, overriding it)  PYTHON=python. QUICK=1 makes the defaults
 SEEDS=0 EPOCHS=5 DATASETS=fashionmnist TRAIN_SUBSET=5000 RESULTS=results-quick.
 
-A run appends a JSON line to $RESULTS/<dataset>-<epochs>ep.jsonl (-<N> added for a subset of N images): a small
-file per training setting, kept in git. A run whose config has a line there is skipped; an interrupted one resumes
-from $RESULTS/checkpoints; a failed run (or report) is reported, the others go on and the exit status is 1. The
-report reads every *.jsonl in $RESULTS. This file is a Python program: bash runs its first lines, which start Python.
+A run appends a JSON line to $RESULTS/<dataset>-<epochs>ep[-<N images>].jsonl, one small file per training setting,
+kept in git; a run with a line there is skipped, an interrupted one resumes from $RESULTS/checkpoints, a failed one
+is reported and the exit status is 1. The report reads every *.jsonl in $RESULTS.
 """
 import collections
-import contextlib
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -43,7 +41,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -52,6 +49,7 @@ from pathlib import Path
 MISSING = None  # the module this Python lacks: --help works without it, all else says what to install
 try:
     import torch
+    import torch.nn.functional as F
 
     import train
 except ModuleNotFoundError as e:
@@ -90,17 +88,16 @@ def read_settings(env):
 
 
 # -----------------------------------------------------------------------------
-# Groups: each one's runs (train.py flags without seed and paths; a config in several groups, written identically,
-# runs once) and the tables that read their results. A table cell holds the runs whose config is exactly
-# default_config(model) updated by the report part's setting and precision, the dataset, the table's base, the row's
-# keys and the column's, every seed: runs of another value of any flag (one added to train.py later too) stay out.
+# Groups: each one's runs (train.py flags without seed and paths; a config in several groups runs once) and the
+# tables that read their results. A cell holds the runs whose config is exactly default_config(model) updated by
+# the report part's setting and precision, the dataset, the table's base, the row's keys and the column's, every
+# seed: runs of another value of any flag (one added to train.py later too) stay out.
 
-# config: keys beyond the row's, as a dict, a list of dicts (their runs pooled) or a function of the row's keys
-# giving either; minus: for a gain column, the keys whose metric it subtracts, seed by seed
+# config: keys beyond the row's; minus: for a gain column, the keys whose metric it subtracts, seed by seed
 Column = collections.namedtuple("Column", "config metric minus", defaults=("test_acc", None))
 
 
-@dataclass(eq=False)  # a table is its own key: the report draws figures from some
+@dataclass(eq=False)  # a table is its own key: a part shows each once
 class Table:
     title: str  # what it shows, and the paper's table or figure
     row_name: str  # the first column's header
@@ -112,7 +109,7 @@ class Table:
     paper_dataset: str = None  # the dataset of the paper's numbers; None: the rows say it
     spans: bool = False  # rows are schedules: it reads runs of every setting (the rest the paper's)
     min_rows: int = 2  # rows with a number of ours that it takes to show the table
-    plot: str = None  # the figure drawn from it (a key of FIGURES)
+    plot: str = None  # "expansion" or "length": the figure drawn from it
 
 
 Group = collections.namedtuple("Group", "name figure configs tables")  # figure: what it shows, for --help
@@ -136,10 +133,6 @@ def pair(*words):  # the config with learnable and with frozen spatial filters
     return [flags(*words), flags(*words, "--frozen")]
 
 
-def limit(e, **keys):  # the plain model trained as frozen LC xE's large-E limit
-    return dict(expansion=0, frozen=False, lc_limit=e, **keys)
-
-
 def lc_init(e):  # the plain model started at that limit's filters
     return dict(expansion=0, frozen=False, lc_init=e)
 
@@ -155,24 +148,21 @@ PAPER_TABLE3 = {  # frozen, learnable; ResNet-LC-20-16x64 on CIFAR-10
     "bn": ("91.50 ± 0.15", "91.06 ± 0.23"), "bn_relu": ("93.26 ± 0.18", "94.72 ± 0.16"),
 }
 EXPANSIONS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # Fig. 4
-LC_EXPANSIONS = (1, 2, 4, 8, 16, 32, 64, 128)          # Fig. 8, the init study
+LC_EXPANSIONS = (1, 2, 4, 8, 16, 32, 64, 128)          # Fig. 8
 KERNEL_SIZES = (3, 5, 7, 9)                            # Fig. 7-9
-CONVMIXER_EXPANSIONS = (1, 8, 64)
 OFF_THE_SHELF = ("resnet", "convmixer", "resnet18", "resnet50", "mobilenet_v2")  # Fig. 1
-INIT_STUDY = ("kaiming_uniform", "center")             # the paper's init vs our centre-weighted one
-LARGE_KERNEL = 9                                       # the paper's worst kernel size
-MATCHED = {3: 16, 5: 44, 7: 87, 9: 144}  # E ∝ k²: m/d ≈ 1.78 in the convs of equal width, ∝ E/k² in all
 FROZEN, PRECONDITIONED = dict(frozen=True), dict(frozen=True, preconditioned=True)
 LC_128, FROZEN_128 = dict(expansion=128), dict(expansion=128, frozen=True)
 LEARNABLE_FROZEN = {"learnable": Column({}), "frozen": Column(FROZEN)}
 
 
-group("table1", "Table 1: baseline vs LC x128 learnable vs frozen, four datasets", Table(
+TABLE1 = Table(
     "Table 1: ResNet-20-16 vs ResNet-LC-20-16x128, test accuracy %", "dataset",
     {ds: dict(dataset=ds) for ds in PAPER_TABLE1},
     {"baseline": Column({}), "LC learnable": Column(LC_128), "LC frozen": Column(FROZEN_128)}, min_rows=1,
     paper={ds: dict(zip(("baseline", "LC learnable", "LC frozen"), p)) for ds, p in PAPER_TABLE1.items()},
-    found="Paper (4 seeds): frozen LC x128 beats learnable LC x128 everywhere, at most 0.02 below the baseline."))(
+    found="Paper (4 seeds): frozen LC x128 beats learnable LC x128 everywhere, at most 0.02 below the baseline.")
+group("table1", "Table 1: baseline vs LC x128 learnable vs frozen, four datasets", TABLE1)(
     lambda s: (c for ds in PAPER_TABLE1 for c in [flags("--dataset", ds), *pair("--dataset", ds, "--expansion", 128)]))
 
 
@@ -202,27 +192,15 @@ scaling("width", (16, 32, 64, 128, 256), "Fig. 6a", "Paper: frozen catches up as
 scaling("depth", (20, 32, 56, 110, 164, 260), "Fig. 6b", "Paper: frozen catches up as D grows; break-even at D ≈ 260.")
 
 
-@group("kernel", "Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones; matched m/d", Table(
+@group("kernel", "Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones", Table(
     "Fig. 8a: kernel size k and E, test accuracy %", "k, spatial filters",
     {f"{k}, {kind}": dict(kernel_size=k, frozen=kind == "frozen") for k in KERNEL_SIZES
      for kind in ("learnable", "frozen")},
     {"no LC": Column(dict(expansion=0)), **{f"E = {e}": Column(dict(expansion=e)) for e in LC_EXPANSIONS}},
-    found="Paper: the frozen-vs-learnable gap grows with k and shrinks with E.", min_rows=3),
-    Table(  # P depends on E and k only through m/d: is the gap of Fig. 8a a function of m/d?
-        "Beyond the paper: kernel sizes at matched m/d = E·c_out/(c_in·k²), test accuracy %", "k (E, m/d)",
-        {f"{k} (E = {e}, m/d {e / k**2:.2f})": dict(kernel_size=k, expansion=e) for k, e in MATCHED.items()},
-        {"baseline": Column(dict(expansion=0)), "frozen LC, preconditioned": Column(PRECONDITIONED),
-         "learnable LC": Column({}), "gap": Column({}, minus=PRECONDITIONED)},
-        found="Not in the paper. Our hypothesis: the frozen-vs-learnable gap of Fig. 8a depends on m/d alone."))
-def kernel_runs(s):  # QUICK runs only the matched m/d part
-    for k in KERNEL_SIZES:
-        yield flags("--dataset", s.main, "--kernel-size", k)
-        for e in [] if s.quick else LC_EXPANSIONS:
-            yield from pair("--dataset", s.main, "--kernel-size", k, "--expansion", e)
-        e = MATCHED[k]  # frozen in the preconditioned form at every k: the folded one is slow at k = 9
-        if s.quick or e not in LC_EXPANSIONS:  # else the grid has it
-            yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e)
-        yield flags("--dataset", s.main, "--kernel-size", k, "--expansion", e, "--frozen", "--preconditioned")
+    found="Paper: the frozen-vs-learnable gap grows with k and shrinks with E.", min_rows=3))
+def kernel_runs(s):
+    for k, e in [(k, e) for k in KERNEL_SIZES for e in (0, *LC_EXPANSIONS)]:
+        yield from pair("--dataset", s.main, "--kernel-size", k, *["--expansion", e] * bool(e))
 
 
 group("ablation", "Table 3: an op between the LC-Block's two convs, E = 64", Table(
@@ -241,66 +219,32 @@ group("offtheshelf", "Fig. 1: do nets with 1x1 convs after their spatial convs t
     lambda s: (c for model in OFF_THE_SHELF for c in pair("--dataset", s.main, "--model", model)))
 
 
-@group("convmixer", "beyond the paper: the large-kernel gap in ConvMixer-256/8", Table(
-    "Beyond the paper: ConvMixer-256/8, kernel size, test accuracy %", "k",
-    {k: dict(kernel_size=k) for k in KERNEL_SIZES},
-    {**LEARNABLE_FROZEN, **{f"LC x{e} frozen": Column(dict(expansion=e, frozen=True)) for e in CONVMIXER_EXPANSIONS}},
-    base=dict(model="convmixer"), found="Not in the paper, which finds the large-kernel gap in ResNets (Fig. 8a)."))
-def convmixer_runs(s):
-    for k in KERNEL_SIZES:
-        yield from pair("--dataset", s.main, "--model", "convmixer", "--kernel-size", k)
-        for e in CONVMIXER_EXPANSIONS:
-            yield flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", k, "--expansion", e, "--frozen")
-
-
-def init_table(name, model, es, limits=()):  # limits: frozen LC's limit too, the mechanism group's k = 9 runs
-    return Table(
-        f"Beyond the paper: a centre-weighted init for {name}, k = {LARGE_KERNEL}", "spatial filters",
-        {"learned, no LC": {}, "frozen, no LC": FROZEN, **{f"frozen LC x{e}": dict(FROZEN, expansion=e) for e in es}},
-        {**{f"test acc, {i}": Column(dict(init=i)) for i in INIT_STUDY},
-         **{f"its limit, {i}": Column(lambda row, i=i: limit(row.get("expansion", 0), init=i)) for i in limits},
-         **{f"centre/ring, {i}": Column(dict(init=i), "centre_ring") for i in INIT_STUDY}},
-        base=dict(model=model, kernel_size=LARGE_KERNEL),
-        found="The paper's open question: would more variance in the kernel centre close the large-kernel gap?")
-
-
-@group("init", "beyond the paper, its open question: does a centre-weighted init close the k = 9 gap?",
-       init_table("ResNet-LC-20-16", "resnet", (*LC_EXPANSIONS, 512), INIT_STUDY),
-       init_table("ConvMixer-256/8", "convmixer", CONVMIXER_EXPANSIONS))
-def init_runs(s):
-    large = flags("--dataset", s.main, "--kernel-size", LARGE_KERNEL)  # written as in the mechanism group
-    convmixer = flags("--dataset", s.main, "--model", "convmixer", "--kernel-size", LARGE_KERNEL)
-    yield from [large, convmixer]
-    for i in INIT_STUDY:
-        yield from (flags(*large, "--expansion", e, "--frozen", "--init", i) for e in LC_EXPANSIONS)
-        yield convmixer + ["--frozen", "--init", i]
-        yield from (convmixer + flags("--expansion", e, "--frozen", "--init", i) for e in CONVMIXER_EXPANSIONS)
-
-
 # A frozen LC-Block trains as one conv with its gradient times the fixed P = SᵀS of its filters (--preconditioned);
 # for m = E·c_out ≫ d = c_in·k², P → α·I, a plain conv (--lc-limit E), under BatchNorm a smaller init (--lc-init E).
 MECHANISM_E = dict(frozen=EXPANSIONS, learnable=EXPANSIONS, limit=EXPANSIONS + (2048, 8192, 32768),
-                   init=EXPANSIONS + (2048, 8192, 32768), preconditioned=(8, 128, 512, 2048, 8192, 32768),
-                   large_kernel=(8, 64, 512))
+                   init=EXPANSIONS + (2048, 8192, 32768), preconditioned=(8, 128, 512, 2048, 8192, 32768))
 # QUICK: frozen, learnable LC as in the expansion group; past E = 128 preconditioned, at the plain ResNet's cost
 MECHANISM_QUICK_E = dict(frozen=(4, 128), learnable=(4, 128), limit=(4, 128, 512, 2048), init=(4, 128, 2048),
-                         preconditioned=(128, 512, 2048), large_kernel=())
-MECHANISM_ROWS = {e: dict(expansion=e) for e in (0, *sorted({*MECHANISM_E["limit"], *MECHANISM_E["preconditioned"]}))}
+                         preconditioned=(128, 512, 2048))
+MECHANISM_ES = (0, *sorted({*MECHANISM_E["limit"], *MECHANISM_E["preconditioned"]}))
+# a row holds E in each flag that takes it; each column unsets those it does not mean
+AS_LC, AS_LIMIT, AS_INIT = dict(lc_limit=None, lc_init=None), dict(expansion=0, lc_init=None), dict(expansion=0, lc_limit=None)
 
 
 @group("mechanism", "why it works (beyond the paper): frozen LC xE vs its large-E limit, E = 1 ... 32768", Table(
-    "Why it works: frozen LC xE vs its large-E limit, test accuracy %", "E (0: no LC)", MECHANISM_ROWS,
-    {"frozen LC": Column(FROZEN), "preconditioned": Column(PRECONDITIONED), "learnable LC": Column({}),
-     "limit": Column(lambda row: limit(row["expansion"])), "init": Column(lambda row: lc_init(row["expansion"]))},
-    min_rows=3,
+    "Why it works: frozen LC xE vs its large-E limit, test accuracy %", "E (0: no LC)",
+    {e: dict(expansion=e, lc_limit=e, lc_init=e) for e in MECHANISM_ES},
+    {"frozen LC": Column(dict(AS_LC, **FROZEN)), "preconditioned": Column(dict(AS_LC, **PRECONDITIONED)),
+     "learnable LC": Column(AS_LC), "limit": Column(AS_LIMIT), "init": Column(AS_INIT)}, min_rows=3,
     found="Not in the paper. *preconditioned*: frozen LC trained as one conv with its gradient times P; *limit*: "
           "`--lc-limit E`, P = α·I; *init*: `--lc-init E`, the limit under BatchNorm."), Table(
-    "The random basis of frozen LC xE: lcconv.basis_summary over its spatial layers, folded and preconditioned runs "
-    "pooled", "E", {e: dict(expansion=e, frozen=True) for e in MECHANISM_ROWS if e},
-    {label: Column([{}, dict(preconditioned=True)], metric) for label, metric in [
+    "The random basis of frozen LC xE: lcconv.basis_summary over its spatial layers", "E, form",
+    {f"{e}, {form}": dict(expansion=e, frozen=True, preconditioned=form == "preconditioned")
+     for e in MECHANISM_ES[1:] for form in ("folded", "preconditioned")},
+    {label: Column({}, metric) for label, metric in [
         ("rank/d, smallest", "rank"), ("α, smallest", "alpha_min"), ("α, largest", "alpha_max"),
         ("spread of P, largest", "spread"), ("Marchenko-Pastur", "spread_mp")]},
-    found="Not in the paper; its reviewers asked how rank-complete the random basis is."))  # k = 9: the init tables
+    found="Not in the paper; its reviewers asked how rank-complete the random basis is."))
 def mechanism_runs(s):
     es, ds = MECHANISM_QUICK_E if s.quick else MECHANISM_E, s.main
     yield flags("--dataset", ds)
@@ -308,33 +252,19 @@ def mechanism_runs(s):
                               ("learnable", "--expansion"), ("preconditioned", "--expansion", "--frozen",
                                                              "--preconditioned")]:
         yield from (flags("--dataset", ds, flag, e, *rest) for e in es[kind])
-    large = flags("--dataset", ds, "--kernel-size", LARGE_KERNEL)  # written as in the init group
-    yield from [large] * bool(es["large_kernel"])
-    for i, e in [(i, e) for i in INIT_STUDY for e in es["large_kernel"]]:
-        yield flags(*large, "--expansion", e, "--frozen", "--init", i)
-        yield flags(*large, "--lc-limit", e, "--init", i)
 
 
 # Over time: does the gain fade as training forgets the init, or does the early phase pick a solution that the long
-# run keeps? Rows are schedules, the rest of the setting the paper's.
-SCHEDULES = {f"{n} epochs": dict(epochs=n) for n in (5, 15, 75)}
-
-
-def length_table(ds, kinds, rows=SCHEDULES, fgsm=(), **keys):
-    """Test accuracy by schedule: the baseline, then each kind and its gain over the baseline; FGSM of some."""
-    columns = {"baseline": Column({})}
-    for label, config in kinds.items():
-        columns[label], columns[f"gain, {label}"] = Column(config), Column(config, minus={})
-    columns.update({f"FGSM {label}": Column(kinds.get(label, {}), "fgsm_acc") for label in fgsm})
-    return Table(f"The length axis on {ds}: {', '.join(kinds)} against the baseline, test accuracy %", "schedule",
-                 rows, columns, base=dict(dataset=ds), spans=True, **keys)
-
-
-LENGTH_FASHIONMNIST = length_table(  # its first row: the QUICK length group's 100 SGD steps
-    "fashionmnist", {"frozen LC x128": FROZEN_128, "learnable LC x128": LC_128,
-                     "preconditioned x128": dict(FROZEN_128, preconditioned=True), "--lc-init 128": lc_init(128)},
-    {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000), **SCHEDULES},
-    fgsm=("baseline", "frozen LC x128", "--lc-init 128"),
+# run keeps? Rows are schedules, the rest of the setting the paper's; the first: QUICK's 100 SGD steps.
+LENGTH_KINDS = {"frozen LC x128": FROZEN_128, "learnable LC x128": LC_128,
+                "preconditioned x128": dict(FROZEN_128, preconditioned=True), "--lc-init 128": lc_init(128)}
+LENGTH_FASHIONMNIST = Table(
+    f"The length axis on fashionmnist: {', '.join(LENGTH_KINDS)} against the baseline, test accuracy %", "schedule",
+    {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000), **{f"{n} epochs": dict(epochs=n) for n in (5, 15, 75)}},
+    {"baseline": Column({}), **{name: column for label, config in LENGTH_KINDS.items() for name, column in
+                                [(label, Column(config)), (f"gain, {label}", Column(config, minus={}))]},
+     **{f"FGSM {label}": Column(LENGTH_KINDS.get(label, {}), "fgsm_acc") for label in
+        ("baseline", "frozen LC x128", "--lc-init 128")}}, base=dict(dataset="fashionmnist"), spans=True,
     found="Paper: at 75 epochs only, frozen LC x128 +0.00 over the baseline (Table 1).", min_rows=1, plot="length")
 # Is the init forgotten? Under BatchNorm a filter's scale sets only its effective learning rate, and weight decay pulls
 # every norm to one equilibrium; frozen LC xE trains as the plain net from K/sqrt(alpha), which is --lc-init E
@@ -347,38 +277,20 @@ FORGOTTEN_FASHIONMNIST = Table(
     "Forgotten: the second meets the first; trained as the large-E limit: the third tracks the second.")
 
 
-@group("recipe", "the paper's recipe on all of Fashion-MNIST, for a CPU: 75 epochs, and 5 and 15", Table(
-    "Table 1, Fashion-MNIST, at the paper's recipe (75 epochs, all 60,000 images), test accuracy %", "model",
-    {"baseline": {}, "LC learnable x128": LC_128, "LC frozen x128": FROZEN_128, "--lc-init 128": lc_init(128)},
-    {"ours": Column({})}, base=dict(dataset="fashionmnist"), spans=True, min_rows=1,
-    paper={label: dict(ours=p) for label, p in zip(("baseline", "LC learnable x128", "LC frozen x128"),
-                                                  PAPER_TABLE1["fashionmnist"])},
-    found="Paper (4 seeds): frozen LC x128 ties the baseline; learnable LC x128 is 0.21 below."), LENGTH_FASHIONMNIST,
-    FORGOTTEN_FASHIONMNIST)
+@group("recipe", "the paper's recipe on all of Fashion-MNIST, for a CPU: 75 epochs, and 5 and 15", TABLE1,
+       LENGTH_FASHIONMNIST, FORGOTTEN_FASHIONMNIST)
 def recipe_runs(s):  # its own schedules on all 60,000 images: EPOCHS and TRAIN_SUBSET do not apply
     for epochs in (75, 5, 15):
         for kind in [[], ["--expansion", 128, "--frozen"], ["--expansion", 128], ["--lc-init", 128]]:
             yield flags("--dataset", "fashionmnist", "--epochs", epochs, *kind)
 
 
-@group("length", "why it works over time (beyond the paper): E = 4, 128, 2048 at 5, 15 and EPOCHS epochs; QUICK: "
-       "its 100-step runs at E = 128", LENGTH_FASHIONMNIST, FORGOTTEN_FASHIONMNIST,
-       *(length_table(  # past E = 128 frozen LC preconditioned
-           "cifar10", {f"frozen LC x{e}": dict(expansion=e, frozen=True, preconditioned=e > 128), "limit": limit(e),
-                       "init": lc_init(e), "learnable LC": dict(expansion=e)},
-           found="Not in the paper, which trains 75 epochs.") for e in (4, 128, 2048)))
+@group("length", "the length axis at the settings' schedule (QUICK: its 100-step row, for more seeds)",
+       LENGTH_FASHIONMNIST, FORGOTTEN_FASHIONMNIST)
 def length_runs(s):
-    if s.quick:  # the settings' schedule (QUICK's 100 SGD steps), to be run with more seeds
-        yield from (flags("--dataset", s.main, *kind) for kind in [[], ["--expansion", 128, "--frozen"],
-                    ["--expansion", 128, "--frozen", "--preconditioned"], ["--lc-init", 128]])
-        return
-    for schedule in [flags("--epochs", 5), flags("--epochs", 15), []]:  # []: EPOCHS
-        yield flags("--dataset", s.main, *schedule)
-        for e in (4, 128, 2048):
-            preconditioned = ["--preconditioned"] if e > 128 else []
-            yield flags("--dataset", s.main, "--expansion", e, "--frozen", *preconditioned, *schedule)
-            for kind in ("--lc-init", "--lc-limit", "--expansion"):
-                yield flags("--dataset", s.main, kind, e, *schedule)
+    for kind in [[], ["--expansion", 128, "--frozen"], ["--expansion", 128, "--frozen", "--preconditioned"],
+                 ["--expansion", 128], ["--lc-init", 128]]:
+        yield flags("--dataset", "fashionmnist", *kind)
 
 
 QUICK_GROUPS = ("table1", "expansion", "mechanism")
@@ -401,72 +313,34 @@ def runs_of(groups, s):
         epochs = [] if "--epochs" in config else flags("--epochs", s.epochs)
         subset = flags("--train-subset", s.train_subset) if epochs and s.train_subset else []
         for seed in s.seeds:
-            # names as the bash version made them: flags without dashes, and 8 hex digits of the md5 of the
-            # recipe's text (`md5sum <<<"..."` hashed a trailing newline too)
-            hashed = f"{' '.join([text, '--seed', seed, *epochs])} {' '.join(subset + [s.train_args]).strip()}\n"
-            digest = hashlib.md5(hashed.encode()).hexdigest()[:8]
-            name = f"{text.replace('--', '').replace(' ', '_')}_seed_{seed}-{digest}"
             recipe, extra = [*config, "--seed", seed, *epochs, *subset], shlex.split(s.train_args)
+            digest = hashlib.md5(shlex.join(recipe + extra).encode()).hexdigest()[:8]  # the name is unique to the run
+            name = f"{text.replace('--', '').replace(' ', '_')}_seed_{seed}-{digest}"
             args = train.PARSER.parse_args(recipe + extra)  # the schedule after TRAIN_ARGS; a bad flag: exit 2
             setting = f"{args.dataset}-{args.epochs}ep" + f"-{args.train_subset}" * bool(args.train_subset)
             out, checkpoint = f"{s.results}/{setting}.jsonl", f"{s.results}/checkpoints/{name}.pt"
-            argv = [*recipe, "--data-dir", s.data_dir, "--out", out, "--checkpoint", checkpoint,
-                    "--save-figures", f"{s.results}/figures/{name}", "--skip-finished", *extra]
+            argv = [*recipe, "--data-dir", s.data_dir, "--out", out, "--checkpoint", checkpoint, "--skip-finished", *extra]
             runs.setdefault(json.dumps(vars(args)), Run(group.name, argv, out, checkpoint, f"{s.results}/logs/{name}.log"))
     return list(runs.values())
 
 
 def unfinished(runs):
-    """The runs without a line in their results file yet, with their arguments: the sweep's skip check (train.py's
-    --skip-finished asks again, for a second sweep on the same RESULTS)."""
-    done, todo = {}, []
-    for run in runs:
-        args = train.parse_args(run.argv)  # a bad SEEDS, EPOCHS or TRAIN_ARGS: one line, exit 2
-        if run.out not in done:
-            done[run.out] = {json.dumps(train.recipe(r), sort_keys=True) for r in train.read_results(run.out)}
-        if json.dumps(train.recipe(args), sort_keys=True) not in done[run.out]:
-            todo.append((run, args))
-    return todo
+    """(run, its arguments) for the runs without a usable line in their results file (a bad SEEDS, EPOCHS or
+    TRAIN_ARGS: one line, exit 2); train.py's --skip-finished asks again, for a second sweep on the same RESULTS."""
+    return [(run, args) for run in runs if not train.finished(run.out, train.recipe(args := train.parse_args(run.argv)))]
 
 
 # -----------------------------------------------------------------------------
-# The plan: runs and estimated GPU-hours per group
-
-REFERENCE_SECONDS = 90  # one 75-epoch ResNet-20-16 run on CIFAR-10 on one H100 (the project's speed goal)
-
-
-def step_flops(args, cache={}):
-    """FLOPs of one training step: 3× the forward (backward ≈ 2× forward; torch's counter overcounts grouped-conv
-    backward), counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-    key = json.dumps({k: v for k, v in train.recipe(args).items() if k != "seed"})
-    if key not in cache:
-        with torch.device("meta"):
-            net = train.build_net(args)
-            x = torch.empty(args.batch_size, train.DATASETS[args.dataset]["channels"], 32, 32)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            net(x)
-        cache[key] = 3 * counter.get_total_flops()
-    return cache[key]
-
-
-def run_flops(args):
-    """Training plus evaluation (test, FGSM, train accuracy) FLOPs of one run."""
-    data = train.DATASETS[args.dataset]
-    n_train = min(data["train_images"], args.train_subset or math.inf)
-    evaluation = (n_train + 5 * data["test_images"] + 3 * args.pgd_steps * data["test_images"]) / 3
-    return step_flops(args) / args.batch_size * (n_train * args.epochs + evaluation)
+# The plan: runs and SGD steps per group; the time they take depends on the machine and the model
 
 
 def print_plan(runs, todo):
-    hours = REFERENCE_SECONDS / run_flops(train.parse_args(["--dataset", "cifar10"])) / 3600  # per FLOP
-    rows = [(g, sum(r.group == g for r in runs), [a for r, a in todo if r.group == g])
-            for g in dict.fromkeys(r.group for r in runs)]
-    print("| group | runs | to run | est. GPU-hours to run |\n|---|---|---|---|")
-    for g, n, args in rows + [("all", len(runs), [a for _, a in todo])]:
-        print(f"| {g} | {n} | {len(args)} | {sum(map(run_flops, args)) * hours:.1f} |")
-    print(f"\nGPU-hours are estimates: FLOPs relative to a 75-epoch ResNet-20-16 run taken as {REFERENCE_SECONDS} s "
-          "on one H100." + ("" if torch.cuda.is_available() else " There is no GPU here: a CPU is far slower."))
+    print("| group | runs | to run | SGD steps to run |\n|---|---|---|---|")
+    for g in [*dict.fromkeys(r.group for r in runs), "all"]:
+        args = [a for r, a in todo if g in (r.group, "all")]
+        print(f"| {g} | {sum(g in (r.group, 'all') for r in runs)} | {len(args)} | {sum(sgd_steps(vars(a)) for a in args):,} |")
+    print("\nA ResNet-20-16 training step at batch 256 is about 63 GFLOP (3 x 256 x 40.8 M multiply-adds x 2); folded "
+          "frozen LC costs about as much at any E, learnable LC grows with E: `python train.py --benchmark` times them.\n")
 
 
 # -----------------------------------------------------------------------------
@@ -488,43 +362,18 @@ def run_one(run, s):
 
 
 # -----------------------------------------------------------------------------
-# The report: every usable line of every results file, in one part per (training setting,
-# precision), every table rendered by one function, then the figures
+# The report: every usable line of every results file, one run a seed, in one part per training setting,
+# every table rendered by one function, then the figures and where each run ran
 
 # a run's training and evaluation setting: the report has a part for each one it finds
-SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps",
-           "pgd_steps")
+SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps")
 FORMATS = dict(params_learnable="{:,.0f}", spread="{:.3g}", spread_mp="{:.3g}", first_rms="{:.3f}",
                first_rms_limit="{:.3f}")  # else "{:.2f}"
-Cell = collections.namedtuple("Cell", "text value")  # value: the mean (or gain) a figure draws
+Cell = collections.namedtuple("Cell", "text value values")  # value: the mean (or gain); values: one a seed
 
 
 def number(x):  # x if it is a finite number, else None (a JSON line can hold NaN, Infinity or "81.5")
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
-def unusable(r):
-    """Why the report cannot use a result line (parsed JSON), or None: it needs a JSON object whose config keys have
-    the types of train.py's flags and whose test_acc is a finite number."""
-    if not isinstance(r, dict):
-        return "not a JSON object"
-    for action in train.PARSER._actions:
-        if action.dest not in train.CONFIG_KEYS:
-            continue
-        value = r.get(action.dest, action.default)  # lines from before a flag lack its key
-        kind = action.type or (str if action.default is None else type(action.default))  # store_true: bool
-        if value is None and action.default is None or not isinstance(kind, type):
-            continue  # an unset flag, or a type argparse gets from a function: nothing to check
-        ok = number(value) is not None if kind is float else type(value) is kind  # an int is a float, a bool no int
-        if not ok:
-            return f"{action.dest} is {value!r}, not {kind.__name__}"
-        if action.choices and value not in action.choices or action.dest in ("epochs", "batch_size") and value < 1:
-            return f"{action.dest} is {value!r}, not a value train.py takes"
-    if "test_acc" not in r:
-        return "no test_acc"
-    if number(r["test_acc"]) is None:
-        return f"test_acc is {r['test_acc']!r}, not a finite number"
-    return None
 
 
 def tensor(x, dim):  # x as a float64 tensor of dim dimensions with finite entries, or None (malformed, missing)
@@ -548,29 +397,29 @@ def metrics(r):
     first_alpha = number(layers[0].get("alpha")) if layers else None
     out["first_rms_limit"] = (out["first_rms"] / math.sqrt(first_alpha) if out["first_rms"] is not None
                               and (first_alpha or 0) > 0 else None)  # a malformed alpha draws nothing
-    v, out["centre_ring"] = tensor(r.get("spatial_variance"), 2), None  # Fig. 8b: centre over outer ring
-    if v is not None and v.shape[0] == v.shape[1]:
-        ring, c = torch.cat([v[0], v[-1], v[1:-1, 0], v[1:-1, -1]]), len(v) // 2
-        out["centre_ring"] = number((v[c, c] / ring.mean()).item())
     return out
 
 
 def load_results(folder):
-    """-> (runs, skipped, files). runs: one per (config, seed), the first usable line, every config key filled in
-    (older lines lack the newer keys), its metrics checked; skipped: where and why each other line is not used."""
-    files, runs, skipped = sorted(Path(folder).glob("*.jsonl")), {}, []
+    """-> (runs, lines, skipped, files). lines: every usable line, every config key filled in (older lines lack the
+    newer keys), its metrics checked; runs: the first line of each (config, seed) whatever its precision, fp32 where
+    a seed has both (bf16 and fp32 agreed within 0.4 points seed by seed at 5 epochs); skipped: why each other is
+    not used."""
+    files, lines, skipped = sorted(Path(folder).glob("*.jsonl")), [], []
     for path in files:
         for n, r in train.read_lines(path):
-            if problem := unusable(r):
+            if problem := train.unusable(r):
                 skipped.append(f"{path.name} line {n}: {problem}")
-                continue
-            config = train.recipe(r)  # a line without "precision": fp32 from a CPU, else bf16
-            runs.setdefault(json.dumps(config, sort_keys=True), {**r, **config, **metrics(r)})
-    return list(runs.values()), skipped, files
+            else:  # a line without "precision": fp32 from a CPU, else bf16
+                lines.append({**r, **train.recipe(r), **metrics(r)})
+    runs = {}
+    for r in sorted(lines, key=lambda r: r["precision"] != "fp32"):
+        runs.setdefault(json.dumps({**train.recipe(r), "precision": None}, sort_keys=True), r)
+    return list(runs.values()), lines, skipped, files
 
 
 def default_config(model):
-    """`train.py --model model`'s config, less what a part (SETTING, precision) or a table (dataset) fixes, and seed."""
+    """`train.py --model model`'s config, less what a part (SETTING) or a table (dataset) fixes, seed and precision."""
     config = train.recipe(train.parse_args(["--model", model]))
     return {k: v for k, v in config.items() if k not in ("dataset", "seed", "precision", *SETTING)}
 
@@ -579,31 +428,30 @@ def finder(runs):
     """-> find(keys, column config): the runs of exactly default_config(model) updated by keys and the column's."""
     index = collections.defaultdict(list)
     for r in sorted(runs, key=lambda r: r["seed"]):
-        index[frozenset((k, r[k]) for k in train.CONFIG_KEYS if k != "seed")].append(r)
+        index[frozenset((k, r[k]) for k in train.CONFIG_KEYS if k not in ("seed", "precision"))].append(r)
     defaults = functools.cache(default_config)  # per report: train.py's flags are read afresh
     def find(keys, config):
-        config = config(keys) if callable(config) else config
-        return [r for c in (config if isinstance(config, list) else [config])
-                for r in index[frozenset({**defaults({**keys, **c}.get("model", "resnet")), **keys, **c}.items())]]
+        keys = {**keys, **config}
+        return index[frozenset({**defaults(keys.get("model", "resnet")), **keys}.items())]
     return find
 
 
 def evaluate(table, find, context):
-    """[(row label, the row's keys, {column label: Cell})] in one part (context: setting, precision, dataset)."""
+    """[(row label, the row's keys, {column label: Cell})] in one part (context: setting, dataset)."""
     rows = []
     for label, row in table.rows.items():
         keys, cells = {**context, **table.base, **row}, {}
         for name, column in table.columns.items():
-            found = [r for r in find(keys, column.config) if r[column.metric] is not None]
-            values = [r[column.metric] for r in found]
-            mean, f = statistics.mean(values) if values else None, FORMATS.get(column.metric, "{:.2f}").format
-            spread = f" ± {f(statistics.stdev(values))}" if len(values) > 1 else ""  # over seeds
-            cells[name] = Cell(f"{f(mean)}{spread} ({len(values)})" if values else "—", mean)
-            if column.minus is not None:  # paired by seed: the mean difference over the seeds both have
+            values = {r["seed"]: r[column.metric] for r in find(keys, column.config) if r[column.metric] is not None}
+            f = FORMATS.get(column.metric, "{:.2f}").format
+            if column.minus is not None:  # paired by seed: the difference on the seeds both have
                 others = {r["seed"]: r[column.metric] for r in find(keys, column.minus) if r[column.metric] is not None}
-                gains = [r[column.metric] - others[r["seed"]] for r in found if r["seed"] in others]
-                gain = statistics.mean(gains) if gains else None
-                cells[name] = Cell("—" if gain is None else f"{gain:+.2f} ({len(gains)})", gain)
+                values = {seed: v - others[seed] for seed, v in values.items() if seed in others}
+            values = list(values.values())
+            mean = statistics.mean(values) if values else None
+            spread = f" ± {f(statistics.stdev(values))}" if len(values) > 1 else ""  # over seeds
+            text = f"{'+' * (column.minus is not None and mean >= 0)}{f(mean)}{spread} ({len(values)})" if values else "—"
+            cells[name] = Cell(text, mean, values)
         rows.append((label, keys, cells))
     return rows
 
@@ -633,54 +481,61 @@ def render(table, rows, ds):
                       *lines[1:], *[f"\n{table.found}"] * bool(table.found)]) + "\n"
 
 
-def describe(c):  # a training setting and precision in words
-    rest = "".join(f", {k.replace('_', ' ')} {c[k]}" for k in ("momentum", "label_smoothing", "fgsm_eps", "pgd_steps")
+def describe(c):  # a training setting in words
+    rest = "".join(f", {k.replace('_', ' ')} {c[k]}" for k in ("momentum", "label_smoothing", "fgsm_eps")
                    if c[k] != train.PARSER.get_default(k))
     images = f"the first {c['train_subset']:,} training images" if c["train_subset"] else "the full training set"
     return (f"{c['epochs']} epoch(s) on {images}, batch {c['batch_size']}, lr {c['lr']}, weight decay "
-            f"{c['weight_decay']}{rest}, {c['precision']}")
+            f"{c['weight_decay']}{rest}")
 
 
-@contextlib.contextmanager
-def atomic_file(path):
-    """A binary file written under a name unique to this writer, then renamed into place: readers (and a second
+def write_whole(path, data):
+    """data (bytes) written under a name unique to this writer, then renamed into place: readers (and a second
     sweep writing the same file) never see half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
-def plot(folder, name, caption, xlabel, ylabel, curves, baseline, log_base):
-    """A line plot into plots/ -> its markdown; "" without matplotlib, which is optional (the tables say it all)."""
+def pyplot():  # matplotlib's, or None: it is optional (the tables say it all)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
+        return None
+
+
+def save_figure(fig, folder, name):
+    fig.savefig(png := io.BytesIO(), format="png", dpi=120, bbox_inches="tight")
+    write_whole(Path(folder, "plots", f"{name}.png"), png.getvalue())
+    pyplot().close(fig)
+
+
+def plot(folder, name, caption, xlabel, ylabel, curves, baseline, log_base):
+    """A line plot of each curve's means, with a dot for each seed, into plots/ -> its markdown ("" without matplotlib).
+    curves: label -> [(x, Cell)]."""
+    if not (plt := pyplot()):
         return ""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, points in curves.items():
-        if points := [(x, y) for x, y in points if y is not None]:
-            ax.plot(*zip(*points), marker="o", label=label)
+        if points := [(x, cell) for x, cell in points if cell.value is not None]:
+            line, = ax.plot([x for x, _ in points], [c.value for _, c in points], marker="o", label=label)
+            seeds = [(x, v) for x, c in points for v in c.values if len(c.values) > 1]
+            ax.scatter(*zip(*seeds), s=12, color=line.get_color(), alpha=0.5) if seeds else None
     ax.axhline(baseline, color="grey", linestyle="--", label="baseline")
     ax.set_xscale("log", base=log_base)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.legend()
-    with atomic_file(Path(folder, "plots", f"{name}.png")) as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, folder, name)
     return f"![{name}](plots/{name}.png)\n\n{caption}\n"
 
 
 def expansion_figure(folder, rows, ds, where):
     """Fig. 4's shape: test accuracy against E, frozen and learnable LC, the baseline as a line."""
-    curves = {f"{kind} LC": [(keys["expansion"], cells[f"test acc, {kind}"].value) for _, keys, cells in rows
+    curves = {f"{kind} LC": [(keys["expansion"], cells[f"test acc, {kind}"]) for _, keys, cells in rows
                              if keys["expansion"]] for kind in ("frozen", "learnable")}
     baseline = next(cells["test acc, learnable"].value for _, keys, cells in rows if not keys["expansion"])
     return plot(folder, f"expansion_{ds}", f"Test accuracy against E on {ds}, runs {where} (Fig. 4).",
@@ -689,70 +544,95 @@ def expansion_figure(folder, rows, ds, where):
 
 def length_figure(folder, rows, ds, where):
     """Each kind's gain over the baseline against the SGD steps of its row."""
-    curves = {name.removeprefix("gain, "): [(sgd_steps(keys), cells[name].value) for _, keys, cells in rows]
+    curves = {name.removeprefix("gain, "): [(sgd_steps(keys), cells[name]) for _, keys, cells in rows]
               for name in rows[0][2] if name.startswith("gain, ")}
-    return plot(folder, f"length_{ds}", f"Gain over the baseline against SGD steps on {ds}, runs {where}.",
+    return plot(folder, f"length_{ds}", f"Gain over the same seed's baseline against SGD steps on {ds}, runs {where}: "
+                "the mean over seeds, a dot for each seed.",
                 "SGD steps", "test accuracy % − the baseline's", curves, 0, 10)
 
 
-FIGURES = dict(expansion=expansion_figure, length=length_figure)
+def filter_grid(filters):
+    """(n, 1 or 3, k, k) filters -> an 8-wide (3, H, W) image grid on one shared scale, 0 = grey (Fig. 7)."""
+    from torchvision.utils import make_grid
+    scale = filters.abs().max().clamp(min=1e-12).item()
+    tiles = F.interpolate(filters.float(), scale_factor=max(1, 48 // filters.shape[-1]), mode="nearest")
+    return make_grid(tiles, nrow=8, normalize=True, value_range=(-scale, scale), pad_value=1)
 
 
 def filters_figure(folder, runs, ds):
-    """The first layer's combined filters of frozen (left) and learnable LC x128 (right) of one setting: the paper's
-    recipe where both ran, else the longest schedule that has both (Fig. 7)."""
-    from torchvision.utils import save_image
-    lc_128, found = {**default_config("resnet"), "dataset": ds, "expansion": 128}, {}
-    for r in sorted(runs, key=lambda r: -r["seed"]):  # the lowest seed last: it stays
-        f = tensor(r.get("first_filters"), 4) if all(r[k] == v for k, v in lc_128.items() if k != "frozen") else None
-        if f is not None and f.shape[1] in (1, 3):
-            found[tuple(r[k] for k in (*SETTING, "precision")), r["frozen"]] = (r, f)
-    both = [key for key, frozen in found if frozen and (key, False) in found]
-    if not both:
+    """The first layer's combined filters of frozen and learnable LC x128 from one seed and setting, side by side:
+    the paper's recipe where both ran, else the longest schedule, the lowest seed (Fig. 7)."""
+    lc_128, pairs = {**default_config("resnet"), "dataset": ds, "expansion": 128}, collections.defaultdict(dict)
+    for r in runs:
+        if all(r[k] == v for k, v in lc_128.items() if k != "frozen") and (f := tensor(r.get("first_filters"), 4)) is not None:
+            pairs[tuple(r[k] for k in (*SETTING, "seed"))][r["frozen"]] = (r, f)
+    paper = [train.PARSER.get_default(k) for k in SETTING]
+    both = [(r, [pair[True][1], pair[False][1]]) for pair in pairs.values() if len(pair) == 2 for r in [pair[True][0]]]
+    if not both or not (plt := pyplot()):
         return ""
-    paper = tuple(train.PARSER.get_default(k) for k in SETTING)
-    key = max(both, key=lambda key: (key[:len(SETTING)] == paper, sgd_steps(found[key, True][0])))
-    (r, frozen), (_, learnable) = found[key, True], found[key, False]
-    left, right = (train.filter_grid(f.float()) for f in (frozen, learnable))  # one model: one shape
-    with atomic_file(Path(folder, "plots", f"filters_{ds}.png")) as f:
-        save_image(torch.cat([left, torch.ones(3, left.shape[1], 24), right], 2), f, format="png")  # a white gap
-    return (f"![filters_{ds}](plots/filters_{ds}.png)\n\nFirst-layer combined filters on {ds}, frozen LC x128 (left) "
-            f"and learnable LC x128 (right), seed {r['seed']}, {describe(r)}; 0 is grey, each on its own scale.\n")
+    r, filters = max(both, key=lambda b: ([b[0][k] for k in SETTING] == paper, sgd_steps(b[0]), -b[0]["seed"]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 2.2))
+    for ax, f, title in zip(axes, filters, ["frozen LC x128: combinations of random filters",
+                                            "learnable LC x128: filters and combinations learned"]):
+        ax.imshow(filter_grid(f).permute(1, 2, 0).numpy())
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"First-layer filters after {sgd_steps(r):,} SGD steps ({ds}, seed {r['seed']}); 0 is grey", fontsize=10)
+    save_figure(fig, folder, f"filters_{ds}")
+    return (f"![filters_{ds}](plots/filters_{ds}.png)\n\nFirst-layer combined filters on {ds}, frozen and learnable "
+            f"LC x128 from one seed (the same draw at the start), seed {r['seed']}, {describe(r)}; each grid on its own "
+            "scale.\n")
+
+
+def name(r):  # a run's LC flags, in words
+    flags = [f"{k.replace('_', '-')} {r[k]}" for k in ("expansion", "lc_init", "lc_limit") if r[k]]
+    return ", ".join(flags + [k for k in ("frozen", "preconditioned") if r[k]]) or "baseline"
+
+
+def provenance(runs):
+    """Which machine ran each run of the paper's setting on all images, in which precision, at what speed."""
+    recipe = {k: train.PARSER.get_default(k) for k in SETTING if k not in ("epochs", "train_subset")}
+    rows = sorted((r for r in runs if r["train_subset"] is None and all(r[k] == v for k, v in recipe.items())),
+                  key=lambda r: (r["dataset"], r["epochs"], name(r), r["seed"], r["precision"]))
+    lines = ["| dataset | epochs | run | seed | precision | hardware | s/epoch | test acc | FGSM |", "|---" * 9 + "|"]
+    for r in rows:
+        epoch = (f"{r['epoch_time_median_s']:.0f}" if "epoch_time_median_s" in r else
+                 f"{r['epoch_time_s']:.0f} (mean, pauses in)" if "epoch_time_s" in r else "—")
+        lines.append(f"| {r['dataset']} | {r['epochs']} | {name(r)} | {r['seed']} | "
+                     f"{r['precision']} | {r.get('hardware', '—')} | {epoch} | {r['test_acc']:.2f} | "
+                     f"{r['fgsm_acc'] if r['fgsm_acc'] is None else format(r['fgsm_acc'], '.2f')} |")
+    return "# Provenance: every run at the paper's setting on all training images\n\n" + "\n".join(lines) + (
+        "\n\ns/epoch: the median of the run's epochs, or for older lines their mean, pauses of the machine included.\n")
 
 
 def write_report(folder):
-    runs, skipped, files = load_results(folder)
-    find, parts, figures = finder(runs), [], {}  # figures: (plot, dataset) -> markdown, from the first part showing it
-    def part(where, context, datasets, tables):
+    runs, lines, skipped, files = load_results(folder)
+    find, datasets, parts, figures = finder(runs), sorted({r["dataset"] for r in runs}), [], {}
+    settings = collections.Counter(tuple(r[k] for k in SETTING) for r in runs).most_common()  # most runs first
+    for where, context, spans in [*((f"of {describe(dict(zip(SETTING, s)))}", dict(zip(SETTING, s)), False)
+                                    for s, _ in settings),
+                                  ("across training lengths (the rest of the setting the paper's)",
+                                   {k: train.PARSER.get_default(k) for k in SETTING}, True)]:
         sections = []
-        for table in tables:
+        for table in (t for t in TABLES if t.spans == spans):
             fixed = "dataset" in table.base or any("dataset" in row for row in table.rows.values())
             for ds in [None] if fixed else datasets:
                 rows = evaluate(table, find, {**context, "dataset": ds})
                 sections += [text] if (text := render(table, rows, ds)) else []
                 if text and table.plot and (key := (table.plot, rows[0][1]["dataset"])) not in figures:
-                    figures[key] = FIGURES[table.plot](folder, rows, key[1], where)
+                    figure = expansion_figure if table.plot == "expansion" else length_figure
+                    figures[key] = figure(folder, rows, key[1], where)
         if sections:  # runs no table shows (of another --width, say): no empty heading
             parts.append(f"# Runs {where}\n\n" + "\n".join(sections))
-    parts_of = collections.defaultdict(list)  # (setting, precision) -> its runs
-    for r in runs:
-        parts_of[tuple(r[k] for k in (*SETTING, "precision"))].append(r)
-    for key, rs in sorted(parts_of.items(), key=lambda p: -len(p[1])):  # the parts with the most runs first
-        context = dict(zip((*SETTING, "precision"), key))
-        part(f"of {describe(context)}", context, sorted({r["dataset"] for r in rs}), [t for t in TABLES if not t.spans])
-    for precision, _ in collections.Counter(r["precision"] for r in runs).most_common():
-        context = {**{k: train.PARSER.get_default(k) for k in SETTING}, "precision": precision}
-        part(f"across training lengths, {precision} (the rest of the setting the paper's)", context, [],
-             [t for t in TABLES if t.spans])
-    figures = [*figures.values(), *(filters_figure(folder, runs, ds) for ds in sorted({r["dataset"] for r in runs}))]
-    figures = [f for f in figures if f]
+    figures = [f for f in [*figures.values(), *(filters_figure(folder, runs, ds) for ds in datasets)] if f]
     unused = (f" {len(skipped)} line(s) not used: " + "; ".join(skipped[:10])  # the first 10 named
               + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "") + ".") if skipped else ""
-    head = (f"# lcconv: our results beside the paper's\n\nEach cell: mean ± std over seeds (number of seeds). "
-            f"{len(runs)} finished runs in {len(files)} results file(s) ({', '.join(f.name for f in files) or 'none'})."
+    head = (f"# lcconv: our results beside the paper's\n\nEach cell: mean ± std over seeds (number of seeds), one "
+            f"run a seed, fp32 or bf16 (fp32 where a seed has both; the provenance table at the end says which). "
+            f"{len(lines)} finished runs in {len(files)} results file(s) ({', '.join(f.name for f in files) or 'none'})."
             f"{unused} Paper: Gavrikov & Keuper, arXiv:2301.11360.\n")
-    with atomic_file(Path(folder, "REPORT.md")) as f:
-        f.write("\n".join([head, *["## Figures\n\n" + "\n".join(figures)] * bool(figures), *parts]).encode())
+    write_whole(Path(folder, "REPORT.md"), "\n".join([head, *["## Figures\n\n" + "\n".join(figures)] * bool(figures),
+                                                      *parts, provenance(lines)]).encode())
     print(f"wrote {folder}/REPORT.md" + f" ({len(skipped)} line(s) of the results files not used, named there)"
           * bool(skipped))
 
@@ -797,8 +677,8 @@ def main(argv, env):
             write_report(s.results)
         except Exception as e:  # a bug in the report must not stop the later groups' runs; it is said, not hidden
             where = traceback.extract_tb(e.__traceback__)[-1]
-            print(f"experiments.sh: the report failed ({type(e).__name__}: {e}, in {where.name} at "
-                  f"{Path(where.filename).name}:{where.lineno}); the sweep goes on", file=sys.stderr)
+            print(f"experiments.sh: the report failed ({type(e).__name__}: {e}, at line {where.lineno}); the sweep "
+                  "goes on", file=sys.stderr)
             report_failed = 1
     if failed:
         print(f"{failed} run(s) failed; rerun the same command to retry them (finished runs are skipped)",

@@ -1,17 +1,15 @@
 """Learning with random convolutions: the LC-Block of Gavrikov & Keuper, "The Power of Linear
 Combinations: Learning with Random Convolutions" (arXiv:2301.11360).
 
-A k×k conv followed directly by a 1×1 conv is one k×k conv whose filters are linear
-combinations (LCs) of the first conv's filters. So the k×k filters can stay frozen at their
-random initialization while the 1×1 weights learn how to combine them. With E·c_out random
-filters per layer (the LC expansion E), a frozen ResNet-LC-20-16x128 reaches 91.89% on
-CIFAR-10, above the learnable ResNet-20-16 (91.60%, the paper's Table 1).
+A k×k conv followed directly by a 1×1 conv is one k×k conv whose filters are linear combinations
+(LCs) of the first conv's filters: the k×k filters can stay frozen at their random init while the 1×1
+weights learn to combine them. With E·c_out random filters a layer (the LC expansion E), a frozen
+ResNet-LC-20-16x128 reaches 91.89% on CIFAR-10, above the learnable ResNet-20-16 (91.60%, Table 1).
 
-Contents, top to bottom: the LC-Block, random filters, plain ResNet and ConvMixer, convert (the one
-way in) and fold (the one way out), the paper's analysis, and why it trains (beyond the paper): SGD
-on a frozen LC-Block is SGD on one plain conv whose gradient is multiplied by the fixed matrix SᵀS
-of its random filters S (the preconditioned form); for large E that is a learning rate (the limit
-form) and, where the conv feeds a BatchNorm, exactly a smaller initialisation (the init form)."""
+Top to bottom: the LC-Block, random filters, ResNet and ConvMixer, convert (the one way in) and fold
+(the one way out), the paper's analysis, and why it trains (beyond the paper): a frozen LC-Block trains
+as one conv whose gradient is multiplied by the fixed SᵀS of its random filters S (the preconditioned
+form); for large E that is a learning rate (limit), under BatchNorm exactly a smaller init (init)."""
 import math
 from collections import OrderedDict
 
@@ -19,12 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
-
-try:  # a progress bar for conversions that take seconds, where tqdm is installed
-    from tqdm import tqdm
-except ImportError:  # lcconv needs torch alone
-    def tqdm(iterable, **_):
-        return iterable
 
 # -----------------------------------------------------------------------------
 # The LC-Block
@@ -39,15 +31,11 @@ INTERMEDIATES = tuple(_INTERMEDIATE_OPS)
 class LCConv2d(nn.Module):
     """The paper's LC-Block: a k×k conv c_in -> c_out·E, then a 1×1 conv c_out·E -> c_out.
 
-    Arguments and attributes follow nn.Conv2d; `padding=None` means 'same' for odd kernels.
-    frozen=True keeps the k×k filters at their random init (no gradient, hence no weight
-    decay or momentum); the 1×1 weights always learn. `intermediate` puts ReLU and/or BN
-    between the convs (the paper's Table 3). Where it goes beyond the paper:
-    - a linear block (no intermediate op) runs as ONE k×k conv with `combined_weight`, so
-      compute and activation memory do not grow with E.
-    - `groups` applies to both convs, so every group's filters combine only inside the group
-      and the block folds into a grouped (depthwise when groups = c_in = c_out) conv.
-    - a bias, if asked for, sits on the 1×1 conv, where it is the folded conv's bias."""
+    Arguments and attributes follow nn.Conv2d; `padding=None` means 'same' for odd kernels. frozen=True
+    keeps the k×k filters at their random init (no gradient: no weight decay or momentum); the 1×1
+    weights always learn. `intermediate` puts ReLU and/or BN between the convs (Table 3). Beyond the
+    paper: a linear block runs as ONE k×k conv with `combined_weight`, so its cost does not grow with E;
+    `groups` applies to both convs, so it folds into a grouped (or depthwise) conv; a bias sits on the 1×1."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, expansion=1, frozen=True, init="kaiming_uniform", intermediate="none"):
@@ -174,12 +162,10 @@ INITS = ("kaiming_uniform", "kaiming_normal", "center")
 
 
 def init_std(shape, init="kaiming_uniform"):
-    """The std of each entry of a random conv weight of `shape` (c_out, c_in/groups, kh, kw),
-    as a (kh, kw) tensor (float64). All inits keep PyTorch's default std on average,
-    s = 1/sqrt(3·d) with d = c_in/groups·kh·kw (paper, Appendix B). `center` scales it by
-    g/sqrt(mean(g²)), g(y, x) = exp(-((y - cy)²/σy² + (x - cx)²/σx²)/2), σ = k/4: a radial
-    Gaussian envelope, exp(r²/σ²) times more variance at the centre than at distance r (35×
-    the corners of a 3×3, 556× those of a 9×9)."""
+    """The std of each entry of a random conv weight of `shape` (c_out, c_in/groups, kh, kw), as a (kh, kw)
+    float64 tensor: on average PyTorch's default s = 1/sqrt(3·d), d = c_in/groups·kh·kw (Appendix B).
+    `center` scales it by g/sqrt(mean(g²)), g a radial Gaussian of σ = k/4: 35× the corners' variance at
+    the centre of a 3×3, 556× for a 9×9."""
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     kh, kw = shape[-2:]
@@ -193,9 +179,8 @@ def init_std(shape, init="kaiming_uniform"):
 
 @torch.no_grad()
 def init_filters_(weight, init="kaiming_uniform"):
-    """Fill a conv weight (c_out, c_in/groups, kh, kw) in place with random filters of std
-    init_std: kaiming_uniform U[-√3·s, √3·s] (PyTorch's default, the paper's), kaiming_normal
-    N(0, s²), center N(0, init_std²). Entries are i.i.d. (independent, for center)."""
+    """Fill a conv weight in place with independent random filters of std init_std: kaiming_uniform
+    U[-√3·s, √3·s] (PyTorch's default, the paper's), kaiming_normal N(0, s²), center N(0, init_std²)."""
     std = init_std(weight.shape, init)
     if init == "kaiming_uniform":
         bound = math.sqrt(3) * std[0, 0].item()
@@ -303,7 +288,7 @@ def _replace(model, new_module):
     """Replace, in place, every spatial conv of model by new_module(name, conv) where that is not
     None, a shared conv once (it stays shared); -> the model, or its replacement if model is one."""
     replaced = {}
-    for name, conv in tqdm(list(spatial_layers(model)), "layers", leave=False, disable=None, delay=2):
+    for name, conv in list(spatial_layers(model)):
         if id(conv) not in replaced:
             replaced[id(conv)] = new_module(name or type(model).__name__, conv) or conv
         if not name:
@@ -325,16 +310,13 @@ FORMS = ("block", "preconditioned", "limit", "init")
 
 
 def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediate="none", form="block"):
-    """Replace, in place, every plain nn.Conv2d with kernel area > 1 by a fresh random one with
-    the same channels, kernel, stride, padding, dilation, groups and bias: a plain conv
-    (expansion=0; frozen or learnable) or an LC-Block of that expansion. init is the
-    filters' distribution (default PyTorch's, the paper's). The LC layers already there (LC-Blocks,
-    and the preconditioned and limit forms) stay as they are. A conv subclass with its own forward
-    (dynamic 'same' padding, weight standardisation...; one changing __init__ only is plain) or a
-    padding other than numeric zeros is refused, by a ValueError before any layer is replaced.
-    A frozen linear LC-Block can also come in a form that trains like it at a plain conv's cost
-    (expansion >= 1, frozen; see "Why it trains"): "preconditioned" (exactly, in distribution
-    for Gaussian filters), "limit" (its m ≫ d limit) or "init" (that limit under BatchNorm).
+    """Replace, in place, every plain nn.Conv2d with kernel area > 1 by a fresh random one of the same
+    shape, stride, padding, dilation, groups and bias: a plain conv (expansion=0; frozen or learnable) or
+    an LC-Block of that expansion, its filters drawn from init. LC layers already there stay. A conv
+    subclass with its own forward ('same' padding, weight standardisation...) or a padding other than
+    numeric zeros is refused by a ValueError before any layer is replaced. A frozen linear LC-Block
+    also comes in forms that train like it at a plain conv's cost ("Why it trains"): "preconditioned"
+    (exactly, in distribution for Gaussian filters), "limit" (m ≫ d) or "init" (that limit under BN).
     Returns the model (the new conv, if model itself is one)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
@@ -376,10 +358,9 @@ def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediat
 
 
 def fold(model):
-    """For deployment: replace, in place, every linear LC-Block (and PreconditionedConv2d) by
-    the nn.Conv2d computing the same function; outputs are equal in eval mode (as in RepVGG
-    and timm's reparameterize_model). LC-Blocks with an op between their convs are not
-    linear and stay as they are. Returns the model (the conv, if model itself is a block)."""
+    """For deployment: replace, in place, every linear LC-Block (and PreconditionedConv2d) by the
+    nn.Conv2d computing the same function (as RepVGG does); a block with an intermediate op stays.
+    Returns the model (the conv, if model itself is a block)."""
     def new_module(name, conv):
         if isinstance(conv, LCConv2d) and conv.linear:
             return conv.to_conv2d()
@@ -507,10 +488,8 @@ def _preconditioned_lc_block(args, expansion, init):
       m ≥ d: P is Wishart W_d(m, Σ), Σ = diag(init_std²), drawn by Bartlett's decomposition,
         R = Lᵀ·Σ^½ (L lower triangular, L_ii² ~ χ²(m − i + 1), N(0, 1) below the diagonal),
         and K₀ as σ_C·Z·R, Z ~ N(0, 1): given P, the rows of C₀·S are N(0, σ_C²·P).
-    O(d³) per group, whatever E. For m ≥ d, P is exact in distribution for Gaussian filters
-    (kaiming_normal, center) and K₀ for Gaussian C₀ (the block's is U(±1/√m), of the same
-    σ_C). For the uniform default, P has the block's mean m·Σ and its Marchenko-Pastur
-    spectrum; finer statistics differ (uniform filters' P has a less variable diagonal)."""
+    O(d³) per group, whatever E. For m ≥ d, exact in distribution for Gaussian filters and C₀; for the
+    uniform default, P has the block's mean m·Σ and Marchenko-Pastur spectrum, not its finer statistics."""
     new = PreconditionedConv2d(*args, expansion=expansion, device="meta").to_empty(device="cpu")
     groups, shape = new.groups, new.weight.shape[1:]
     m, d = new.out_channels * expansion // groups, math.prod(shape)
@@ -535,11 +514,9 @@ def _preconditioned_lc_block(args, expansion, init):
 
 @torch.no_grad()
 def _lc_limit_conv(args, expansion, init, as_init):
-    """The m ≫ d limit of a frozen LC ×E: P replaced by E[P] = m·diag(init_std²) (α·I for the
-    i.i.d. inits; α·diag(g²/mean(g²)) per kernel position for center), weight K₀ = C₀·S drawn
-    as its limit N(0, init_std²/3) (C₀ has std 1/√(3m)), bias 0 (the limit of the 1×1 conv's
-    U(±1/√m)): a PreconditionedConv2d. as_init: the init form, the plain learnable nn.Conv2d
-    whose weight is that K₀/√α, from the same random numbers (i.i.d., std 1/√(3m)); i.i.d. inits only."""
+    """The m ≫ d limit of a frozen LC ×E, a PreconditionedConv2d: P = E[P] = m·diag(init_std²) (α·I for
+    i.i.d. inits), K₀ drawn as its limit N(0, init_std²/3), bias 0. as_init: the init form, the plain
+    nn.Conv2d whose weight is that K₀/√α (std 1/√(3m)), from the same random numbers; i.i.d. inits only."""
     # float64, so that a float64 model gets K_init = K₀/√α to the last bit
     limit = PreconditionedConv2d(*args, expansion=expansion, device="meta", dtype=torch.float64).to_empty(device="cpu")
     groups, m = limit.groups, limit.out_channels * expansion // limit.groups
@@ -556,15 +533,11 @@ def _lc_limit_conv(args, expansion, init, as_init):
 
 @torch.no_grad()
 def basis_summary(model):
-    """How rank-complete and well-conditioned each layer's random basis is: for every frozen
-    LC-Block and PreconditionedConv2d, {name, m, d, rank, alpha, alpha_iid, spread, spread_mp},
-    each a mean over the layer's groups (m, d and P = SᵀS as in "Why it trains" above):
-      rank = rank(P)/d, min(m, d)/d for random filters: the share of filter space K can reach;
-      alpha = trace(P)/d, P's mean eigenvalue, the layer's effective learning-rate factor, and
-        alpha_iid = alpha(layer, E), its expectation for i.i.d. filters;
-      spread = largest / smallest nonzero eigenvalue of P (1 = P ∝ identity on its range), and
-        spread_mp its Marchenko-Pastur prediction for i.i.d. filters, which tends to 1 as E grows.
-    The limit form (P = E[P]) has rank 1, spread 1 for i.i.d. inits."""
+    """How rank-complete and well-conditioned each frozen layer's random basis is: per frozen LC-Block and
+    PreconditionedConv2d, {name, m, d, rank, alpha, alpha_iid, spread, spread_mp}, means over its groups:
+    rank = rank(P)/d, the share of filter space K can reach; alpha = trace(P)/d, the effective
+    learning-rate factor (alpha_iid: its expectation); spread = P's largest / smallest nonzero eigenvalue
+    (1: P ∝ I on its range) and spread_mp its Marchenko-Pastur prediction for i.i.d. filters."""
     summary = []
     for name, layer in spatial_layers(model):
         if isinstance(layer, LCConv2d) and layer.frozen and layer.linear:

@@ -1,12 +1,10 @@
 """
-Train and evaluate one model of Gavrikov & Keuper (arXiv:2301.11360): one run is one point
-of one of the paper's tables or figures, appended as one JSON line to --out.
-
-The recipe is the paper's (Appendix A): 75 epochs, SGD with Nesterov momentum 0.9, lr 0.01
-with cosine annealing, weight decay 0.01, batch 256, label smoothing 0.1, the last epoch
-evaluated. The dataset lives on the device as one uint8 tensor and is cropped and flipped
-there a batch at a time (as in airbench), so the GPU never waits for data. The model runs
-channels_last, in bf16 autocast where that is faster than fp32 (--precision).
+Train and evaluate one model of Gavrikov & Keuper (arXiv:2301.11360): one run is one point of one of
+the paper's tables or figures, appended as one JSON line to --out. The recipe is the paper's (Appendix
+A): 75 epochs, SGD with Nesterov momentum 0.9, lr 0.01 cosine-annealed, weight decay 0.01, batch 256,
+label smoothing 0.1, the last epoch evaluated. The dataset lives on the device as one uint8 tensor,
+cropped and flipped there a batch at a time (as in airbench); the model runs channels_last, in bf16
+autocast where that is faster than fp32 (--precision).
 
     python train.py --dataset cifar10 --expansion 128 --frozen     # ResNet-LC-20-16x128, frozen
     python train.py --expansion 128 --frozen --preconditioned       # the same run as one conv per layer
@@ -46,25 +44,36 @@ import lcconv
 # Settings: the command line; defaults are the paper's recipe
 
 DATASETS = {  # pad-4 crop + flip for CIFAR only, as in the paper; files: what torchvision keeps in --data-dir
-    "cifar10": dict(classes=10, channels=3, augment=True, train_images=50_000, test_images=10_000,
-                    files="cifar-10-batches-py"),
-    "cifar100": dict(classes=100, channels=3, augment=True, train_images=50_000, test_images=10_000,
-                     files="cifar-100-python"),
-    "svhn": dict(classes=10, channels=3, augment=False, train_images=73_257, test_images=26_032,
-                 files="train_32x32.mat"),
-    "fashionmnist": dict(classes=10, channels=1, augment=False, train_images=60_000, test_images=10_000,
-                         files="FashionMNIST/raw"),
+    "cifar10": dict(classes=10, channels=3, augment=True, train_images=50_000, files="cifar-10-batches-py"),
+    "cifar100": dict(classes=100, channels=3, augment=True, train_images=50_000, files="cifar-100-python"),
+    "svhn": dict(classes=10, channels=3, augment=False, train_images=73_257, files="train_32x32.mat"),
+    "fashionmnist": dict(classes=10, channels=1, augment=False, train_images=60_000, files="FashionMNIST/raw"),
 }
 MODELS = ("resnet", "convmixer", "resnet18", "resnet50", "mobilenet_v2")
 # flags that only some models take; their defaults are those of lcconv.resnet / lcconv.convmixer
-ARCH_FLAGS = {"resnet": ("depth", "width", "kernel_size"),
-              "convmixer": ("dim", "depth", "kernel_size", "patch_size")}
+ARCH_FLAGS = {"resnet": ("depth", "width", "kernel_size"), "convmixer": ("dim", "depth", "kernel_size", "patch_size")}
 # flags that do not change what a run computes: left out when results and checkpoints are matched
-NOT_RECIPE = ("data_dir", "out", "checkpoint", "save_figures", "device", "compile", "skip_finished", "benchmark")
-# flags that act on the spatial (k×k, k > 1) convs: refused, when set, for a model that has none
-SPATIAL_FLAGS = ("expansion", "frozen", "preconditioned", "lc_limit", "lc_init", "init", "intermediate")
-MAX_SEED = 2**32 - 1
-MAX_ALPHA = 1e6  # frozen LC's learning-rate factor past which a run is warned (the sweep's largest: 2e4)
+NOT_RECIPE = ("data_dir", "out", "checkpoint", "device", "skip_finished", "benchmark")
+REMOVED = {"pgd_steps": 0}  # flags of older versions, at the value a line holds where the flag was not given
+
+
+def checked(kind, ok, allowed):
+    """An argparse type: kind(text) if ok(value), else argparse's one-line error saying what is allowed."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    parse.kind = kind  # what a result line holds for it
+    return parse
+
+
+COUNT = checked(int, lambda n: n >= 1, ">= 1")
+POSITIVE, NONNEGATIVE = checked(float, lambda x: 0 < x < math.inf, "> 0"), checked(float, lambda x: 0 <= x < math.inf, ">= 0")
+FRACTION = checked(float, lambda x: 0 <= x < 1, "in [0, 1)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,156 +85,90 @@ PARSER = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.A
 _add = PARSER.add_argument
 _add("--dataset", default="cifar10", choices=list(DATASETS), help="dataset (downloaded into --data-dir if missing)")
 _add("--data-dir", default="./data", help="where the datasets are (torchvision layout)")
-_add("--model", default="resnet", choices=MODELS,
-     help="CIFAR ResNet (He et al.), ConvMixer, or a torchvision model adapted to 32x32 (paper's Fig. 1)")
+_add("--model", default="resnet", choices=MODELS, help="CIFAR ResNet, ConvMixer, or a torchvision model (Fig. 1)")
 _add("--depth", type=int, help="ResNet depth 6n+2 (default 20) or ConvMixer depth (default 8)")
 _add("--width", type=int, help="ResNet width W: stages of W, 2W, 4W channels (default 16)")
 _add("--dim", type=int, help="ConvMixer channels (default 256)")
 _add("--patch-size", type=int, help="ConvMixer patch size, 1..32 (default 2)")
 _add("--kernel-size", type=int, help="spatial kernel size, odd (default 3 for ResNet, 9 for ConvMixer)")
-_add("--expansion", type=int, default=0, help="LC expansion E; 0 = plain spatial convs (no LC-Block)")
+lc = PARSER.add_mutually_exclusive_group()  # an LC-Block, its large-E limit, or the init that limit is
+lc.add_argument("--expansion", type=checked(int, lambda n: n >= 0, ">= 0"), default=0,
+                help="LC expansion E; 0 = plain spatial convs (no LC-Block)")
+lc.add_argument("--lc-limit", type=COUNT, metavar="E", help="a plain model trained as frozen LC xE's large-E limit")
+lc.add_argument("--lc-init", type=COUNT, metavar="E", help="the plain model started at that limit's filters / sqrt(alpha)")
 _add("--frozen", action="store_true", help="keep every spatial (k>1) filter at its random init")
 _add("--init", default="kaiming_uniform", choices=lcconv.INITS, help="spatial filter init (paper: kaiming_uniform)")
 _add("--intermediate", default="none", choices=lcconv.INTERMEDIATES, help="op between the LC-Block's convs (Table 3)")
-_add("--preconditioned", action="store_true",
-     help="train the frozen LC-Blocks as their exactly equivalent preconditioned convs (fast at any E)")
-_add("--lc-limit", type=int, metavar="E",
-     help="a plain model whose spatial convs train as the large-E limit of frozen LC xE (P = E[P])")
-_add("--lc-init", type=int, metavar="E",
-     help="the plain model started at that limit's filters / sqrt(alpha): the same training under BatchNorm")
-_add("--epochs", type=int, default=75, help="training epochs (paper: 75)")
-_add("--batch-size", type=int, default=256, help="batch size (paper: 256)")
-_add("--lr", type=float, default=0.01, help="peak learning rate, cosine-annealed per step (paper: 0.01)")
-_add("--momentum", type=float, default=0.9, help="Nesterov momentum (paper: 0.9)")
-_add("--weight-decay", type=float, default=0.01, help="weight decay (paper: 0.01)")
-_add("--label-smoothing", type=float, default=0.1, help="label smoothing (paper: 0.1)")
-_add("--seed", type=int, default=0, help=f"0..{MAX_SEED}: fixes the random filters, the init and the data order")
-_add("--train-subset", type=int, help="train on the first N training images only (quick runs)")
-_add("--fgsm-eps", type=float, default=1 / 255, help="l-inf radius on [0,1] images for FGSM/PGD (paper: 1/255)")
-_add("--pgd-steps", type=int, default=0, help="PGD steps for an extra robust accuracy; 0 = off")
-_add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+_add("--preconditioned", action="store_true", help="train frozen LC-Blocks as their preconditioned convs (exact)")
+_add("--epochs", type=COUNT, default=75, help="training epochs")
+_add("--batch-size", type=COUNT, default=256, help="batch size")
+_add("--lr", type=POSITIVE, default=0.01, help="peak learning rate, cosine-annealed per step")
+_add("--momentum", type=FRACTION, default=0.9, help="Nesterov momentum")
+_add("--weight-decay", type=NONNEGATIVE, default=0.01, help="weight decay")
+_add("--label-smoothing", type=FRACTION, default=0.1, help="label smoothing")
+_add("--seed", type=checked(int, lambda n: 0 <= n < 2**32, f"in 0..{2**32 - 1}"), default=0,
+     help="fixes the random filters, the init and the data order")
+_add("--train-subset", type=COUNT, help="train on the first N training images only (quick runs)")
+_add("--fgsm-eps", type=checked(float, lambda x: 0 < x <= 1, "in (0, 1]"), default=1 / 255,
+     help="l-inf radius of FGSM on [0, 1] images")
+_add("--device", default="auto", help="auto: cuda if there is one, else cpu",
+     choices=["auto", "cpu"] + ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))] * torch.cuda.is_available())
 _add("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-     help="bf16 autocast or fp32; auto: bf16 where it is faster (CUDA with bf16; CPUs with AMX, or AMD's "
-          "with AVX512_BF16), else fp32")
-_add("--compile", action="store_true", help="torch.compile the model")
+     help="bf16 autocast or fp32; auto: bf16 where it is faster (CUDA; CPUs with AMX, AMD's with AVX512_BF16)")
 _add("--out", default="results.jsonl", help="append one JSON line with config and results here")
-_add("--checkpoint", help="save after every epoch here; rerunning the same command resumes (and a finished run is done)")
+_add("--checkpoint", help="save after every epoch here; the same command again resumes (or finds the run finished)")
 _add("--skip-finished", action="store_true", help="exit at once if --out already has a result for this config")
-_add("--save-figures", metavar="DIR", help="save the combined filters and the spatial variance heatmap as PNGs")
-_add("--benchmark", action="store_true",
-     help="time a training step and measure peak memory of ResNet-20-16 vs frozen ResNet-LC-20-16xE; train nothing")
+_add("--benchmark", action="store_true", help="time a training step and peak memory against E; train nothing")
 CONFIG_KEYS = [a.dest for a in PARSER._actions if a.dest != "help" and a.dest not in NOT_RECIPE]
 
 
 def parse_args(argv=None):
-    """The arguments, every one checked here: a bad one exits with one line (status 2)."""
-    args = PARSER.parse_args(argv)
-    error = PARSER.error
+    """The arguments, all checked here (the model's sizes and the LC flags by lcconv, building the model on
+    the meta device): a bad one exits with one line, status 2, before any work."""
+    args, error = PARSER.parse_args(argv), PARSER.error
     for flag in sum(ARCH_FLAGS.values(), ()):
         if getattr(args, flag) is not None and flag not in ARCH_FLAGS.get(args.model, ()):
             error(f"--{flag.replace('_', '-')} does not apply to --model {args.model}")
-    if args.model in ARCH_FLAGS:  # fill in the model's defaults, so configs are complete
-        builder = getattr(lcconv, args.model)
-        for flag in ARCH_FLAGS[args.model]:
-            if getattr(args, flag) is None:
-                setattr(args, flag, inspect.signature(builder).parameters[flag].default)
-    data = DATASETS[args.dataset]
-    # the rest of the model's sizes (depth, patch size) lcconv checks when the model is built below
-    checks = [
-        (args.expansion >= 0, "--expansion must be >= 0 (0 = no LC-Block)"),
-        (args.kernel_size is None or (args.kernel_size >= 1 and args.kernel_size % 2),
-         f"--kernel-size must be odd and >= 1, got {args.kernel_size}"),
-        (args.width is None or args.width >= 1, f"--width must be >= 1, got {args.width}"),
-        (args.dim is None or args.dim >= 1, f"--dim must be >= 1, got {args.dim}"),
-        (args.intermediate == "none" or args.expansion >= 1, "--intermediate needs an LC-Block (--expansion >= 1)"),
-        (not args.preconditioned or (args.frozen and args.expansion >= 1 and args.intermediate == "none"),
-         "--preconditioned needs --frozen, --expansion >= 1 and no --intermediate"),
-        (args.lc_limit is None or args.lc_limit >= 1, f"--lc-limit must be >= 1, got {args.lc_limit}"),
-        (args.lc_limit is None or (args.expansion == 0 and not args.frozen and not args.preconditioned),
-         "--lc-limit is a plain learnable model: it takes no --expansion, --frozen or --preconditioned"),
-        (args.lc_init is None or args.lc_init >= 1, f"--lc-init must be >= 1, got {args.lc_init}"),
-        (args.lc_init is None or (args.expansion == 0 and not args.frozen and not args.preconditioned
-                                  and args.lc_limit is None),
-         "--lc-init is a plain learnable model: it takes no --expansion, --frozen, --preconditioned or --lc-limit"),
-        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (0 < args.lr < math.inf, f"--lr must be > 0, got {args.lr}"),
-        (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
-        (0 <= args.weight_decay < math.inf, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {args.label_smoothing}"),
-        (0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {args.seed}"),
-        (args.train_subset is None or 1 <= args.train_subset <= data["train_images"],
-         f"--train-subset must be in 1..{data['train_images']} (the {args.dataset} training set), "
-         f"got {args.train_subset}"),
-        (0 < args.fgsm_eps <= 1, f"--fgsm-eps must be in (0, 1] (images are in [0, 1]), got {args.fgsm_eps}"),
-        (args.pgd_steps >= 0, "--pgd-steps must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            error(message)
-    if args.model in ARCH_FLAGS:  # built on the meta device: lcconv's checks, no memory, no random numbers
-        try:
-            with torch.device("meta"):
-                plain = builder(**{flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]})
-        except ValueError as e:
-            error(f"--model {args.model}: {e}")
-        given = [flag for flag in SPATIAL_FLAGS if getattr(args, flag) != PARSER.get_default(flag)]
-        if given and not list(lcconv.spatial_layers(plain)):
-            given = [f"--{flag.replace('_', '-')}" for flag in given]
-            error(f"this {args.model} has no spatial conv (with these sizes all its convs are 1x1): "
-                  f"nothing for {', '.join(given)} to act on")
-    device_error = check_device(args.device)
-    if device_error:
-        error(device_error)
+    for flag in ARCH_FLAGS.get(args.model, ()):  # the model's defaults, so that configs are complete
+        if getattr(args, flag) is None:
+            setattr(args, flag, inspect.signature(getattr(lcconv, args.model)).parameters[flag].default)
+    if (args.lc_limit or args.lc_init) and (args.frozen or args.preconditioned):
+        error("--lc-limit and --lc-init are plain learnable models: they take no --frozen or --preconditioned")
+    if (args.train_subset or 0) > (images := DATASETS[args.dataset]["train_images"]):
+        error(f"--train-subset must be in 1..{images} (the {args.dataset} training set), got {args.train_subset}")
+    try:
+        with torch.device("meta"):
+            net = build_net(args)
+    except ValueError as e:
+        error(f"--model {args.model}: {e}")
+    given = [f"--{f.replace('_', '-')}" for f in ("expansion", "frozen", "preconditioned", "lc_limit", "lc_init",
+                                                     "init", "intermediate") if getattr(args, f) != PARSER.get_default(f)]
+    if given and not list(lcconv.spatial_layers(net)):
+        error(f"this {args.model} has no spatial conv (with these sizes all its convs are 1x1): nothing for "
+              f"{', '.join(given)} to act on")
     if args.precision == "auto":  # resolved here, so that the config says what ran
         args.precision = "bf16" if native_bf16(pick_device(args.device)) else "fp32"
-    for flag, path, kind in [("--out", args.out, "file"), ("--checkpoint", args.checkpoint, "file"),
-                             ("--save-figures", args.save_figures, "directory")]:
-        problem = path and unwritable(Path(path), kind)
-        if problem:
+    for flag, path in [("--out", args.out), ("--checkpoint", args.checkpoint)]:
+        if path and (problem := unwritable(Path(path), "file")):
             error(f"{flag} {path}: {problem}")
     return args
 
 
-def check_device(name):
-    """None if --device names a device this machine has, else what is wrong."""
-    if name == "auto":
-        return None
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        return f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {name}: this machine has no CUDA GPU"
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        return f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)"
-    if device.type not in ("cpu", "cuda"):
-        return f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"
-    return None
-
-
 def unwritable(path, kind):
     """None if a file (or directory) can be written at path, else why not; creates nothing."""
-    if path.exists() and kind == "directory" and not path.is_dir():
-        return "is not a directory"
-    if path.exists() and kind == "file" and not path.is_file():
-        return "is a directory" if path.is_dir() else "is not a regular file"
-    folder = path if kind == "directory" else path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"{folder} is not a directory"
+    if path.exists() and not (path.is_dir() if kind == "directory" else path.is_file()):
+        return "is a directory" if path.is_dir() else f"is not a {'directory' if kind == 'directory' else 'regular file'}"
+    folder = next(f for f in [path, *path.parents][kind == "file":] if f.exists())
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        return f"cannot write in {folder} ({e.strerror})"
-    return None
+        return f"{folder} is not a directory" if not folder.is_dir() else f"cannot write in {folder} ({e.strerror})"
 
 
 def recipe(config):
-    """The part of a config (argparse namespace, or a result line) that determines the result;
-    keys a line lacks (written before they existed) take their defaults. Lines from before
-    --precision ran bf16 on CUDA and fp32 on the CPU."""
+    """The part of a config (argparse namespace, or a result line) that determines the result; keys a
+    line lacks (written before they existed) take their defaults. Lines from before --precision ran
+    bf16 on CUDA and fp32 on the CPU."""
     config = vars(config) if isinstance(config, argparse.Namespace) else config
     keys = {k: config.get(k, PARSER.get_default(k)) for k in CONFIG_KEYS}
     if "precision" not in config:
@@ -233,16 +176,41 @@ def recipe(config):
     return keys
 
 
+def unusable(line):
+    """Why a result line (parsed JSON) is not a finished run, or None: the one check behind the skip of finished
+    runs and the report. Each config key holds a value of its flag's type, range and choices (a missing key reads
+    as its default), a removed flag's key its old default, test_acc a finite number."""
+    if not isinstance(line, dict):
+        return "not a JSON object"
+    if removed := next((k for k, old in REMOVED.items() if line.get(k, old) != old), None):
+        return f"{removed} is {line[removed]!r}: a flag train.py no longer has"
+    for action in (a for a in PARSER._actions if a.dest in CONFIG_KEYS):
+        value, kind = line.get(action.dest, action.default), getattr(action.type, "kind", action.type)
+        kind = kind or type(action.default)  # store_true: bool
+        if value is None and action.default is None:  # an unset flag
+            continue
+        if type(value) is not kind and not (kind is float and type(value) is int):  # a bool is no int
+            return f"{action.dest} is {value!r}, not {kind.__name__}"
+        try:
+            if action.choices and value not in action.choices or action.type and action.type(value) is None:
+                raise argparse.ArgumentTypeError
+        except argparse.ArgumentTypeError:
+            return f"{action.dest} is {value!r}, not a value train.py takes"
+    if "test_acc" not in line:
+        return "no test_acc"
+    if type(line["test_acc"]) not in (int, float) or not math.isfinite(line["test_acc"]):
+        return f"test_acc is {line['test_acc']!r}, not a finite number"
+
+
 # -----------------------------------------------------------------------------
 # Device and precision: decided once, here
 
 
-def pick_device(name):
+def pick_device(name):  # --device's choices are this machine's devices
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def cpu_capabilities():
-    """torch's CPU feature flags (a private function; absent in older torch, which reads as none)."""
+def cpu_capabilities():  # torch's CPU feature flags: a private function, absent in some versions (none)
     return getattr(torch.cpu, "get_capabilities", dict)()
 
 
@@ -251,10 +219,7 @@ def native_bf16(device):
     AMX, or AMD's with AVX512_BF16. An Intel CPU with AVX512_BF16 but no AMX ran train.py's step
     1.08-1.36x slower in bf16 (oneDNN's bf16 convs there are slower than its fp32 ones): fp32."""
     if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch < 2.4 counts no emulation
-            return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu = cpu_capabilities()
     return bool(cpu.get("amx_bf16") or cpu.get("avx512_bf16") and str(cpu.get("cpu_name", "")).startswith("AMD"))
 
@@ -263,21 +228,16 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def hardware(device):
     """The GPU's name, or the CPU's model, its bf16 units (one model name covers Xeons with and
     without AMX, which `auto` treats apart) and the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    flags = cpu_capabilities()
-    units = "AMX" if flags.get("amx_bf16") else "AVX512_BF16" if flags.get("avx512_bf16") else None
-    threads = torch.get_num_threads()
-    return f"{cpu or platform.processor() or 'cpu'}{f' ({units})' * bool(units)}, {threads} thread{'s' * (threads > 1)}"
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags, threads = cpu_capabilities(), torch.get_num_threads()
+    units = " (AMX)" if flags.get("amx_bf16") else " (AVX512_BF16)" if flags.get("avx512_bf16") else ""
+    return f"{cpu or 'cpu'}{units}, {threads} thread{'s' * (threads > 1)}"
 
 
 # a short hash of lcconv.py and train.py, which code wrote a result: taken at start, so it names the
@@ -302,25 +262,20 @@ def load_split(name, root, train):
         split = datasets.SVHN(root, split="train" if train else "test", download=True)
         return torch.from_numpy(split.data), torch.from_numpy(split.labels).long()
     raw = Path(root, "FashionMNIST", "raw")
-    if not raw.is_dir() and DEBIAN_FASHION_MNIST.is_dir():
-        unpack_gz(DEBIAN_FASHION_MNIST, raw)
+    if not raw.is_dir() and DEBIAN_FASHION_MNIST.is_dir():  # unpacked (torchvision reads them so), then renamed
+        tmp = raw.with_name(f"raw.{os.getpid()}.partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for gz in DEBIAN_FASHION_MNIST.glob("*.gz"):
+            with gzip.open(gz) as f, open(tmp / gz.stem, "wb") as out:
+                shutil.copyfileobj(f, out)
+        try:
+            tmp.rename(raw)
+        except OSError:  # a run beside this one unpacked it first
+            shutil.rmtree(tmp)
     split = datasets.FashionMNIST(root, train=train, download=True)
     # upscaled to 32×32, train and test (paper, Appendix A)
     images = F.interpolate(split.data[:, None].float(), size=32, mode="bilinear", align_corners=False)
     return images.round().clamp(0, 255).to(torch.uint8), split.targets
-
-
-def unpack_gz(source, target):
-    """The .gz files of source, decompressed into target (torchvision wants them unpacked)."""
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for gz in source.glob("*.gz"):
-        with gzip.open(gz) as f, open(tmp / gz.stem, "wb") as out:
-            shutil.copyfileobj(f, out)
-    try:
-        tmp.rename(target)
-    except OSError:  # a run beside this one unpacked it first
-        shutil.rmtree(tmp)
 
 
 def load_data(args, device):
@@ -329,12 +284,11 @@ def load_data(args, device):
         test_x, test_y = load_split(args.dataset, args.data_dir, train=False)
     except Exception as e:  # no internet, a broken download, corrupt files, a missing package
         files = Path(args.data_dir, DATASETS[args.dataset]["files"])
-        hint = " or `apt-get install dataset-fashion-mnist`" if args.dataset == "fashionmnist" else ""
+        hint = " or `apt-get install dataset-fashion-mnist`" * (args.dataset == "fashionmnist")
         fix = (f"{files} is there but corrupt or incomplete: delete it to download it again" if files.exists() else
                f"connect to the internet so torchvision can download it{hint}, or pass --data-dir")
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
-        raise RuntimeError(f"cannot load {args.dataset} from {args.data_dir} ({type(e).__name__}: {detail}); "
-                           f"{fix}") from None
+        detail = (str(e).strip().splitlines() or ["no details"])[0]
+        raise RuntimeError(f"cannot load {args.dataset} from {args.data_dir} ({type(e).__name__}: {detail}); {fix}") from None
     mean, std = channel_stats(train_x)
     if args.train_subset:
         train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
@@ -343,16 +297,9 @@ def load_data(args, device):
 
 
 def channel_stats(images):
-    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for chunk in images.split(10_000):
-        chunk = chunk.double().div(255)
-        total += chunk.sum((0, 2, 3))
-        squares += chunk.square().sum((0, 2, 3))
-    count = images.numel() / images.shape[1]
-    mean = total / count
-    return mean.float(), (squares / count - mean**2).sqrt().float()
+    """Per-channel mean and std of uint8 images (N, C, H, W), on the [0, 1] scale."""
+    std, mean = torch.std_mean(images.transpose(0, 1).reshape(images.shape[1], -1).float(), dim=1, correction=0)
+    return mean / 255, std / 255
 
 
 def augment(images, generator):
@@ -388,9 +335,7 @@ class Normalize(nn.Module):
 
 
 def build_net(args):
-    """The plain network of args for its dataset, then its spatial convs made frozen and/or
-    LC-Blocks (or their preconditioned form, its large-E limit, or the init that limit is
-    under BatchNorm) by lcconv.convert."""
+    """The plain network of args for its dataset, its spatial convs then converted by lcconv.convert."""
     channels, classes = DATASETS[args.dataset]["channels"], DATASETS[args.dataset]["classes"]
     if args.model in ARCH_FLAGS:
         arch = {flag: getattr(args, flag) for flag in ARCH_FLAGS[args.model]}
@@ -402,11 +347,6 @@ def build_net(args):
             net.features[0][0] = nn.Conv2d(channels, 32, 3, 1, 1, bias=False)
         else:
             net.conv1, net.maxpool = nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.Identity()
-    e = args.lc_limit or args.lc_init or args.expansion * args.frozen
-    alpha = max((lcconv.alpha(conv, e) for _, conv in lcconv.spatial_layers(net)), default=0)
-    if alpha > MAX_ALPHA:
-        print(f"train.py: warning: frozen LC x{e} multiplies a spatial layer's learning rate by up to alpha = "
-              f"{alpha:.3g} (lcconv.alpha); expect the loss to diverge, or BatchNorm's eps to dominate", file=sys.stderr)
     if args.lc_limit or args.lc_init:
         form = "limit" if args.lc_limit else "init"
         return lcconv.convert(net, args.lc_limit or args.lc_init, True, args.init, form=form)
@@ -415,7 +355,6 @@ def build_net(args):
 
 
 def to_device(model, device):
-    """The model on the device, channels_last."""
     return model.to(device).to(memory_format=torch.channels_last)
 
 
@@ -441,8 +380,8 @@ def train_step(model, optimizer, x, y, label_smoothing, precision):
 
 
 def train_epoch(model, optimizer, scheduler, data, args, epoch):
-    """One pass over the training set -> (mean loss, accuracy %). The data order and the
-    augmentation of epoch e depend only on (seed, e), so a resumed run sees the same batches."""
+    """One pass over the training set -> (mean loss, accuracy %). The order and augmentation of epoch e
+    depend only on (seed, e), so a resumed run sees the same batches."""
     model.train()
     device = data["train_y"].device
     generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + epoch)
@@ -452,7 +391,7 @@ def train_epoch(model, optimizer, scheduler, data, args, epoch):
     correct = torch.zeros((), device=device, dtype=torch.long)
     bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{args.epochs}", unit="img", unit_scale=True,
                leave=False, disable=None, file=sys.stderr)
-    for step, i in enumerate(range(0, n, args.batch_size)):
+    for i in range(0, n, args.batch_size):
         idx = order[i:i + args.batch_size]
         images, y = data["train_x"][idx], data["train_y"][idx]
         if DATASETS[args.dataset]["augment"]:
@@ -462,9 +401,6 @@ def train_epoch(model, optimizer, scheduler, data, args, epoch):
         loss_sum += loss.float() * len(y)
         correct += (logits.argmax(1) == y).sum()
         bar.update(len(y))
-        if not bar.disable and step % 20 == 0:  # .item() syncs the GPU, so only now and then
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct.item() / (i + len(y)):.1f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
     bar.close()
     return loss_sum.item() / n, 100 * correct.item() / n
 
@@ -473,93 +409,39 @@ def train_epoch(model, optimizer, scheduler, data, args, epoch):
 # Evaluation
 
 
-@torch.no_grad()
-def accuracy(model, images, labels, batch_size, precision):
+def accuracy(model, images, labels, batch_size, precision, fgsm_eps=0):
+    """Accuracy %, clean or under l∞ FGSM of radius fgsm_eps on the [0, 1] images, before normalisation (Fig. 4c)."""
     model.eval()
     correct = 0
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = to_input(x)
-        with autocast(x.device, precision):
+        x = to_input(x).requires_grad_(fgsm_eps > 0)
+        if fgsm_eps:
+            with autocast(x.device, precision):
+                grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+            x = (x + fgsm_eps * grad.sign()).clamp(0, 1)
+        with torch.no_grad(), autocast(x.device, precision):
             correct += (model(x).argmax(1) == y).sum().item()
     return 100 * correct / len(labels)
 
 
-def robust_accuracy(model, images, labels, eps, steps, batch_size, precision, seed=0):
-    """Accuracy under an l∞ attack of radius eps on [0, 1] images (before normalisation):
-    FGSM for steps=1 (Goodfellow et al.), else PGD from a random start with step 2.5·eps/steps
-    (Madry et al.). The attack maximises plain cross-entropy."""
-    model.eval()
-    generator = torch.Generator(images.device).manual_seed(seed)
-    step_size = eps if steps == 1 else 2.5 * eps / steps
-    correct = 0
-    bar = tqdm(total=len(labels) * steps, desc="FGSM" if steps == 1 else f"PGD-{steps}", unit="step",
-               unit_scale=True, leave=False, disable=None, file=sys.stderr)
-    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = to_input(x)
-        delta = torch.zeros_like(x)
-        if steps > 1:
-            delta = (torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1) * eps
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            with autocast(x.device, precision):
-                loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
-            grad, = torch.autograd.grad(loss, delta)
-            delta = (delta + step_size * grad.sign()).clamp(-eps, eps).detach()
-            bar.update(len(y))
-        with torch.no_grad(), autocast(x.device, precision):
-            correct += (model((x + delta).clamp(0, 1)).argmax(1) == y).sum().item()
-    bar.close()
-    return 100 * correct / len(labels)
-
-
 def filter_metrics(net):
-    """FVE of the first and last spatial layer (Fig. 5), the spatial variance (Fig. 8b), the
-    random basis of frozen LC layers (lcconv.basis_summary) and the first layer's filters (Fig. 7)."""
+    """FVE of the first and last spatial layer (Fig. 5), the spatial variance (Fig. 8b), the random basis
+    (lcconv.basis_summary) and up to 64 first-layer filters of the model's kernel size (Fig. 7)."""
     filters = list(lcconv.combined_filters(net).values())
     if not filters:  # every conv 1×1 (--kernel-size 1): nothing to measure
-        return dict.fromkeys(("fve_first", "fve_last", "fve_first_raw", "fve_last_raw", "spatial_variance", "basis",
-                              "first_filters"))
-    (first_raw, first), (last_raw, last) = map(lcconv.filter_variance_entropy, (filters[0], filters[-1]))
+        return dict.fromkeys(("fve_first", "fve_last", "spatial_variance", "basis", "first_filters"))
     variance = lcconv.spatial_variance(net)
+    first = next(f for f in filters if f.shape[-2:] == variance.shape)
+    first = first[:64] if first.shape[1] in (1, 3) else first[:64, :1]
     basis = [{k: round(v, 4) if isinstance(v, float) else v for k, v in layer.items()}
              for layer in lcconv.basis_summary(net)]
-    return dict(fve_first=first, fve_last=last, fve_first_raw=first_raw, fve_last_raw=last_raw,
+    return dict(fve_first=lcconv.filter_variance_entropy(filters[0])[1],
+                fve_last=lcconv.filter_variance_entropy(filters[-1])[1],
                 spatial_variance=[[round(v, 4) for v in row] for row in variance.tolist()], basis=basis or None,
-                first_filters=first_filters(net).double().mul(1e5).round().div(1e5).tolist())
+                first_filters=first.double().mul(1e5).round().div(1e5).tolist())
 
 
-def first_filters(net):
-    """The first layer's combined filters, as the figures show them: up to 64, RGB or the first
-    input channel, (n, 1 or 3, k, k)."""
-    shape = lcconv.spatial_variance(net).shape  # the model's kernel size: a patch stem is left out
-    filters = next(f for f in lcconv.combined_filters(net).values() if f.shape[-2:] == shape)
-    return filters[:64] if filters.shape[1] in (1, 3) else filters[:64, :1]
-
-
-def filter_grid(filters):
-    """(n, 1 or 3, k, k) filters -> an 8-wide image grid on one shared scale, 0 = grey (Fig. 7)."""
-    from torchvision.utils import make_grid
-    scale = filters.abs().max().clamp(min=1e-12).item()
-    tiles = F.interpolate(filters.cpu().float(), scale_factor=max(1, 48 // filters.shape[-1]), mode="nearest")
-    return make_grid(tiles, nrow=8, normalize=True, value_range=(-scale, scale), pad_value=1)
-
-
-def save_figures(net, directory):
-    """The first layer's combined filters as an 8-wide grid on one shared scale (0 = grey; Fig. 7)
-    and the spatial variance heatmap (Fig. 8b) on a fixed log scale: each position's variance
-    over the mean, 1/4 black, 1 grey (uniform), 4 white, the same for every run."""
-    from torchvision.utils import save_image
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_image(filter_grid(first_filters(net)), directory / "filters.png")
-    variance = lcconv.spatial_variance(net)
-    relative = (variance / variance.mean()).log2().clamp(-2, 2).add(2).div(4)
-    heatmap = F.interpolate(relative[None, None].cpu(), scale_factor=32, mode="nearest")
-    save_image(heatmap, directory / "spatial_variance.png")
-
-
-def peak_memory_mb(device):
-    """CUDA: peak allocated tensor memory; CPU: the process's peak resident memory."""
+def peak_memory_mb(device):  # CUDA: peak allocated tensor memory; CPU: the process's peak resident memory
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -571,9 +453,8 @@ def peak_memory_mb(device):
 
 @contextmanager
 def claimed(out, config):
-    """Holds this config's lock (a file beside --out) for the whole run, so that a second
-    run of it (a second sweep on the same results) waits, then finds the result. The lock
-    goes with the process, however it ends."""
+    """This config's lock (a file beside --out), held for the whole run: a second run of it waits, then
+    finds the result. The lock goes with the process, however it ends."""
     folder = Path(f"{out}.locks")
     folder.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -598,8 +479,7 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, config, device):
-    """The saved state if path exists and was written by this config, else None. Loaded
-    with weights_only: tensors, numbers, strings, lists and dicts, never code."""
+    """The saved state if path exists and was written by this config, else None (weights_only: never code)."""
     if not Path(path).exists():
         return None
     try:
@@ -607,7 +487,7 @@ def load_checkpoint(path, config, device):
     except Exception as e:
         raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}: it is damaged, or holds "
                            "more than tensors and numbers); delete it to start over") from None
-    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    saved = recipe(state["config"]) if isinstance(state, dict) and isinstance(state.get("config"), dict) else {}
     if saved != config:
         changed = sorted(k for k in config if saved.get(k) != config[k])
         raise RuntimeError(f"checkpoint {path} is from another config (differs in {', '.join(changed)}); "
@@ -616,8 +496,8 @@ def load_checkpoint(path, config, device):
 
 
 def append_result(path, result):
-    """One JSON line, appended under an exclusive lock in one write(): whole beside parallel
-    runs, never glued to a line a crash left unfinished, and a short write is taken back."""
+    """One JSON line, appended under a lock in one write(): whole beside parallel runs, never glued to a
+    line a crash left unfinished; a short write is taken back."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(result) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -644,14 +524,9 @@ def read_lines(path):
                 yield n, None
 
 
-def read_results(path):
-    """The results in path (a list of dicts); lines that are not JSON objects are skipped."""
-    return [result for _, result in read_lines(path) if isinstance(result, dict)]
-
-
-def has_result(results, config):
-    """Whether one of the results was run with this config (a recipe)."""
-    return any(recipe(r) == config for r in results)
+def finished(path, config):
+    """Whether path has a usable result line of this config (a recipe)."""
+    return any(not unusable(line) and recipe(line) == config for _, line in read_lines(path))
 
 
 # -----------------------------------------------------------------------------
@@ -664,13 +539,13 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.benchmark:
-        return benchmark(args, device)
+        return benchmark(args.batch_size, device)
     config = recipe(args)
     # a run with a checkpoint or --skip-finished is finished once its result is in --out
     once = args.checkpoint or args.skip_finished
     try:
         with claimed(args.out, config) if once else nullcontext():
-            if once and has_result(read_results(args.out), config):
+            if once and finished(args.out, config):
                 print(f"already in {args.out}: {json.dumps(config)}")
                 return
             run(args, config, device)
@@ -699,175 +574,121 @@ def run(args, config, device):
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, epoch_times, train_loss = state["epoch"], state["epoch_times"], state["train_loss"]
         print(f"resuming from {args.checkpoint} after epoch {start_epoch}")
-    compiled = torch.compile(model) if args.compile else model
     learnable, total = lcconv.count_parameters(model)
-    print(f"{args.model} on {args.dataset}, {device_name(device)}: {learnable:,} learnable of {total:,} parameters")
+    print(f"{args.model} on {args.dataset}, {hardware(device)}: {learnable:,} learnable of {total:,} parameters")
 
     for epoch in range(start_epoch, args.epochs):
         start = time.perf_counter()
-        train_loss, train_acc = train_epoch(compiled, optimizer, scheduler, data, args, epoch)
+        train_loss, train_acc = train_epoch(model, optimizer, scheduler, data, args, epoch)
         epoch_times.append(time.perf_counter() - start)
         if not math.isfinite(train_loss):
             sys.exit(f"train.py: error: the loss became {train_loss} in epoch {epoch + 1}; "
                      f"lower --lr (now {args.lr}) or check the input")
         print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  acc {train_acc:.2f}%  "
-              f"lr {scheduler.get_last_lr()[0]:.2e}  {len(data['train_y']) / epoch_times[-1]:.0f} img/s  "
-              f"{epoch_times[-1]:.1f} s", flush=True)
+              f"lr {scheduler.get_last_lr()[0]:.2e}  {epoch_times[-1]:.1f} s", flush=True)
         if args.checkpoint:
             save_checkpoint(args.checkpoint, dict(
                 config=config, epoch=epoch + 1, epoch_times=epoch_times, train_loss=train_loss,
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()))
 
     # the last epoch's model, as the paper evaluates it
-    bs, test, precision = args.batch_size, (data["test_x"], data["test_y"]), args.precision
-    result = dict(vars(args))
-    result.update(
-        test_acc=accuracy(compiled, *test, bs, precision),
-        train_acc=accuracy(compiled, data["train_x"], data["train_y"], bs, precision),
-        fgsm_acc=robust_accuracy(compiled, *test, args.fgsm_eps, 1, bs, precision),
-        pgd_acc=robust_accuracy(compiled, *test, args.fgsm_eps, args.pgd_steps, bs, precision, args.seed)
-        if args.pgd_steps else None,
-        train_loss=train_loss, params_learnable=learnable, params_total=total,
-        **filter_metrics(model.net),
+    bs, precision = args.batch_size, args.precision
+    result = dict(
+        vars(args), test_acc=accuracy(model, data["test_x"], data["test_y"], bs, precision),
+        train_acc=accuracy(model, data["train_x"], data["train_y"], bs, precision),
+        fgsm_acc=accuracy(model, data["test_x"], data["test_y"], bs, precision, args.fgsm_eps),
+        train_loss=train_loss, params_learnable=learnable, params_total=total, **filter_metrics(model.net),
         epoch_time_median_s=statistics.median(epoch_times), peak_mem_mb=peak_memory_mb(device),
-        device=device_name(device), hardware=hardware(device), torch=torch.__version__, code=CODE_VERSION)
-    if args.preconditioned:  # the LC-Block it trains as, counted without building it
-        with torch.device("meta"):
-            blocks = build_net(argparse.Namespace(**{**vars(args), "preconditioned": False}))
-        result["lc_params_learnable"], result["lc_params_total"] = lcconv.count_parameters(blocks)
-    try:  # before the figures: a failing figure loses no result
+        hardware=hardware(device), torch=torch.__version__, code=CODE_VERSION)
+    try:
         append_result(args.out, result)
     except OSError as e:
         sys.exit(f"train.py: error: could not write the result to {args.out} ({e}); rerun the same command")
     print(json.dumps({k: result[k] for k in ("test_acc", "train_acc", "fgsm_acc", "fve_first", "fve_last")}))
-    if args.save_figures and result["spatial_variance"] is not None:  # a model with spatial convs
-        try:
-            save_figures(model.net, args.save_figures)
-        except OSError as e:
-            sys.exit(f"train.py: error: the result is in {args.out}, but the figures could not be written "
-                     f"to {args.save_figures} ({e.strerror or e})")
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: a training step of frozen ResNet-LC-20-16xE, as one conv (folded), as two
-# convs (the paper's block) and as the preconditioned conv, against the plain ResNet-20-16
+# Benchmark: a training step of frozen ResNet-LC-20-16xE as one conv (folded), as two convs (the paper's block
+# as drawn) and as the preconditioned conv, against the plain ResNet-20-16 ("—")
 
-BENCH_CONFIGS = [("ResNet-20-16", "—", 0)] + [
-    (f"LC-x{e} frozen", path, e) for path, es in [("one conv (folded)", (1, 128, 512)),
-                                                   ("two convs", (8,)),
-                                                   ("preconditioned", (128, 8192))] for e in es]
+BENCH_ROWS = [("—", 0)] + [(path, e) for path, es in [("one conv (folded)", (1, 128, 512)), ("two convs", (8,)),
+                                                        ("preconditioned", (128, 8192))] for e in es]
 
 
-def bench_setup(path, expansion, batch_size, device):
+def bench_step(path, expansion, batch_size, device):
+    """(model, optimizer, x, y) of one benchmark row: the arguments of train_step."""
     torch.manual_seed(0)
-    model = lcconv.resnet()
-    if expansion:
-        form = "preconditioned" if path == "preconditioned" else "block"
-        model = lcconv.convert(model, expansion, frozen=True, form=form)
-    if path == "two convs":  # the paper's block as drawn, instead of the folded one
-        for block in model.modules():
-            if isinstance(block, lcconv.LCConv2d):
-                block.forward = block.two_convs
-    model = to_device(model, device)
-    optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=0.01)
+    form = "preconditioned" if path == "preconditioned" else "block"
+    model = to_device(lcconv.convert(lcconv.resnet(), expansion, frozen=True, form=form), device)
+    for block in model.modules():
+        if path == "two convs" and isinstance(block, lcconv.LCConv2d):
+            block.forward = block.two_convs
     x = to_input(torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device))
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    return model, optimizer, x, y
+    return model, make_optimizer(model, 0.01, 0.9, 0.01), x, torch.randint(0, 10, (batch_size,), device=device)
 
 
-def bench_memory(path, expansion, precision, batch_size, device, queue):
-    """In a fresh process: the peak memory of three training steps in MB, building the model
-    left out. CUDA: allocated tensors; CPU: resident memory above the process's start-up."""
+def bench_memory(key, batch_size, device, queue):
+    """In a fresh process: peak MB of building the row's model and three training steps (None: out of memory).
+    CUDA: allocated tensors; CPU: resident memory above the process's start-up."""
+    resident = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
     try:
-        device = torch.device(device)
-        start = resident_mb()
-        model, optimizer, x, y = bench_setup(path, expansion, batch_size, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # peak resident memory := current
+        device, start = torch.device(device), resident("VmRSS:")
+        step = bench_step(*key[:2], batch_size, device)
+        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else Path("/proc/self/clear_refs").write_text("5")
         for _ in range(3):
-            train_step(model, optimizer, x, y, 0.1, precision)
-        queue.put(peak_memory_mb(device) if device.type == "cuda" else resident_mb(peak=True) - start)
-    except (RuntimeError, MemoryError):  # out of memory
+            train_step(*step, 0.1, key[2])
+        queue.put(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident("VmHWM:") - start)
+    except (RuntimeError, MemoryError):
         queue.put(None)
 
 
-def resident_mb(peak=False):
-    key = "VmHWM:" if peak else "VmRSS:"
-    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
-
-
-def benchmark(args, device, rounds=None):
-    """Each config's step time in fp32 and bf16 (emulated on some CPUs), interleaved round by round so
-    that drift and neighbours hit them alike: the median over rounds, and the ratios to the
-    baseline of the same precision and to fp32, each the median [interquartile range] of the
-    per-round ratios, so that one round a neighbour disturbed does not move it. A ratio whose
-    interquartile range exceeds 10% of it is flagged as untrustworthy."""
-    precisions = ("fp32", "bf16") if device.type == "cpu" or torch.cuda.is_bf16_supported() else ("fp32",)
-    configs = [(*config, precision) for config in BENCH_CONFIGS for precision in precisions]
-    # fresh processes for clean peak-memory counters; on CPU with large blocks mmap-ed, so
-    # freed tensors go back to the OS and resident memory follows the live tensors
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    spawn = multiprocessing.get_context("spawn")
-    memory = {}
-    for _, path, e, precision in tqdm(configs, desc="benchmark memory", disable=None, file=sys.stderr):
-        queue = spawn.Queue()
-        process = spawn.Process(target=bench_memory, args=(path, e, precision, args.batch_size, str(device), queue))
+def benchmark(batch_size, device):
+    """Each row's ms per step in fp32 and bf16, interleaved round by round so that drift and neighbours hit all
+    alike (a turn: one untimed step, which absorbs the switch of model, then steps for some seconds); its peak
+    memory in a fresh process; printed by bench_table."""
+    cuda, sync = device.type == "cuda", torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    precisions = ("fp32", "bf16") if not cuda or torch.cuda.is_bf16_supported() else ("fp32",)
+    keys = [(path, e, p) for path, e in BENCH_ROWS for p in precisions]
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors go back: resident follows live
+    spawn, memory = multiprocessing.get_context("spawn"), {}
+    for key in keys:
+        process = spawn.Process(target=bench_memory, args=(key, batch_size, str(device), queue := spawn.Queue()))
         process.start()
         process.join()
-        memory[path, e, precision] = queue.get() if process.exitcode == 0 else None
-    runs = {(path, e): bench_setup(path, e, args.batch_size, device) for _, path, e in BENCH_CONFIGS
-            if any(memory[path, e, p] for p in precisions)}
-    rounds = rounds or (5 if device.type == "cuda" else 7)
-    seconds = 1.0 if device.type == "cuda" else 3.0  # per turn: long enough to average out a busy neighbour
-    times = {key: [] for key in memory if memory[key]}
-    for _ in tqdm(range(rounds), desc="benchmark rounds", disable=None, file=sys.stderr):
-        for key, t in times.items():
-            t.append(time_steps(runs[key[:2]], key[2], device, seconds))
-    print(f"Training step, batch {args.batch_size}, 32×32, channels_last, {hardware(device)}, torch "
-          f"{torch.__version__}, code {CODE_VERSION}; median of {rounds} interleaved rounds; ratios: median "
-          "[interquartile range] of the per-round ratios\n")
-    print("| model | LC path | precision | ms/step | × baseline | × fp32 | peak MB | × baseline |")
-    print("|---|---|---|---|---|---|---|---|")
-    noisy = []
+        memory[key] = queue.get() if process.exitcode == 0 else None
+    steps = {key[:2]: bench_step(*key[:2], batch_size, device) for key in keys if memory[key]}
+    times, rounds = {key: [] for key in keys if memory[key]}, 5 if cuda else 7
+    for _ in tqdm(range(rounds), "benchmark rounds", disable=None, file=sys.stderr):
+        for (path, e, precision), t in times.items():
+            train_step(*steps[path, e], 0.1, precision)
+            sync()
+            start, n = time.perf_counter(), 0
+            while n < 2 or time.perf_counter() - start < (1.0 if cuda else 3.0):
+                train_step(*steps[path, e], 0.1, precision)
+                sync()
+                n += 1
+            t.append((time.perf_counter() - start) / n * 1000)
+    print(f"Training step, batch {batch_size}, 32×32, channels_last, {hardware(device)}, torch {torch.__version__}, "
+          f"code {CODE_VERSION}; median of {rounds} interleaved rounds; ratios: median [interquartile range] "
+          f"of the per-round ratios\n\n{bench_table(times, memory)}")
 
+
+def bench_table(times, memory):
+    """The table of {(path, E, precision): ms a round} and {the same: peak MB or None}; a ratio whose
+    interquartile range exceeds 10% of it is flagged (noisy)."""
     def ratio(a, b):
         low, r, high = statistics.quantiles([x / y for x, y in zip(a, b)], n=4, method="inclusive")
-        if high - low > 0.1 * r:
-            noisy.append(r)
-        return f"{r:.2f} [{low:.2f}–{high:.2f}]" + (" (noisy)" if high - low > 0.1 * r else "")
-    base = BENCH_CONFIGS[0][1:]
-    for name, path, e, precision in configs:
-        t, mb = times.get((path, e, precision)), memory[path, e, precision]
-        if not t:
-            print(f"| {name} | {path} | {precision} | out of memory | | | | |")
-            continue
-        fp32 = times.get((path, e, "fp32"))
-        print(f"| {name} | {path} | {precision} | {statistics.median(t):.1f} | {ratio(t, times[(*base, precision)])} | "
-              f"{ratio(t, fp32) if precision != 'fp32' and fp32 else '—'} | {mb:.0f} | "
-              f"{mb / memory[(*base, precision)]:.2f} |")
-    if noisy:
-        print(f"\n{len(noisy)} ratio(s) spread by more than 10% over most rounds: the machine was busy. "
-              "Do not trust them; rerun on a quiet machine.")
-
-
-def time_steps(run, precision, device, seconds):
-    """ms per training step: one untimed step (it absorbs the switch from the last model),
-    then steps for about `seconds`, at least two."""
-    train_step(*run, 0.1, precision)
-    sync(device)
-    start, steps = time.perf_counter(), 0
-    while steps < 2 or time.perf_counter() - start < seconds:
-        train_step(*run, 0.1, precision)
-        steps += 1
-        sync(device)
-    return (time.perf_counter() - start) / steps * 1000
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        return f"{r:.2f} [{low:.2f}–{high:.2f}]" + " (noisy)" * (high - low > 0.1 * r)
+    lines = ["| model | LC path | precision | ms/step | × baseline | × fp32 | peak MB | × baseline |", "|---" * 8 + "|"]
+    for (path, e, precision), mb in memory.items():
+        t, base, name = times.get((path, e, precision)), ("—", 0, precision), f"LC-x{e} frozen" if e else "ResNet-20-16"
+        fp32 = ratio(t, times[path, e, "fp32"]) if t and precision != "fp32" else "—"
+        lines.append(f"| {name} | {path} | {precision} | out of memory | | | | |" if not t else
+                     f"| {name} | {path} | {precision} | {statistics.median(t):.1f} | {ratio(t, times[base])} | "
+                     f"{fp32} | {mb:.0f} | {mb / memory[base]:.2f} |")
+    noisy = sum(line.count("(noisy)") for line in lines)
+    return "\n".join(lines + [f"\n{noisy} ratio(s) spread by more than 10% over the rounds: the machine was "
+                              "busy. Do not trust them; rerun on a quiet machine."] * bool(noisy))
 
 
 if __name__ == "__main__":
