@@ -606,7 +606,9 @@ def test_end_to_end_run_writes_one_complete_result(tiny_data, tmp_path):
     assert torch.load(tmp_path / "run.pt", weights_only=True)["epoch"] == 2
     train.main(argv + ["--skip-finished"])  # a finished run is finished: --skip-finished, or the same command again
     train.main(argv)
-    assert len(results(tmp_path)) == 1
+    train.main(tiny_args(tiny_data, tmp_path, "--kernel-size", "1", "--epochs", "1"))  # every conv 1×1: no filters
+    [_, plain] = results(tmp_path)
+    assert plain["test_acc"] is not None and [plain[k] for k in ("fve_first", "basis", "first_filters")] == [None] * 3
 
 
 def test_frozen_lc_runs_in_every_form_and_reports_its_parameter_counts(tiny_data, tmp_path):
@@ -651,9 +653,11 @@ def test_a_run_interrupted_or_killed_while_saving_resumes_to_the_uninterrupted_r
                                                                                       monkeypatch):
     argv, straight = uninterrupted
     argv = argv + ["--out", str(tmp_path / "results.jsonl"), "--checkpoint", str(tmp_path / "run.pt")]
-    # Ctrl-C in epoch 3: the checkpoint holds epoch 2, and the same command resumes
+    # Ctrl-C in epoch 3: the checkpoint holds epoch 2, and the same command resumes (one line says so)
     monkeypatch.setattr(train, "train_epoch", interrupt_in_epoch(2))
-    with pytest.raises(SystemExit, match="resume from --checkpoint"):
+    with pytest.raises(SystemExit, match="^train.py: interrupted; no --checkpoint to resume$"):
+        train.main(argv[:-2])
+    with pytest.raises(SystemExit, match="^train.py: interrupted; rerun the same command to resume from --checkpoint$"):
         train.main(argv)
     assert not results(tmp_path) and torch.load(tmp_path / "run.pt", weights_only=True)["epoch"] == 2
     monkeypatch.undo()
@@ -762,6 +766,11 @@ class Planted:
     (["--checkpoint", "CORRUPT"], "cannot read checkpoint"), (["--checkpoint", "PLANTED"], "cannot read checkpoint"),
     (["--checkpoint", "OTHER", "--seed", "1"], "differs in seed"),
     (["--lr", "1e30"], "the loss became .* in epoch 1; lower --lr"),
+    # every conv 1×1: the LC flags would do nothing, so they are refused up front
+    (["--kernel-size", "1", "--expansion", "8", "--frozen", "--preconditioned"],
+     "has no spatial conv .* nothing for --expansion, --frozen, --preconditioned to act on"),
+    (["--kernel-size", "1", "--lc-limit", "8"], "nothing for --lc-limit to act on"),
+    (["--model", "convmixer", "--patch-size", "1", "--kernel-size", "1", "--init", "center"], "nothing for --init"),
 ])
 def test_bad_input_one_line_and_nothing_written(tiny_data, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
@@ -800,48 +809,6 @@ def test_a_command_line_error_is_one_line_before_a_lock_a_checkpoint_or_a_result
                          capture_output=True, text=True, cwd=HERE)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.startswith("train.py: error: ") and list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("extra, refused", [
-    (["--kernel-size", "1", "--expansion", "8", "--frozen", "--preconditioned"],
-     "--expansion, --frozen, --preconditioned"),
-    (["--kernel-size", "1", "--lc-limit", "8"], "--lc-limit"), (["--kernel-size", "1", "--init", "center"], "--init"),
-    (["--model", "convmixer", "--patch-size", "1", "--kernel-size", "1", "--intermediate", "relu", "--expansion", "2"],
-     "--expansion, --intermediate"),
-    (["--model", "convmixer", "--patch-size", "2", "--kernel-size", "1", "--expansion", "2", "--frozen"], None),
-])
-def test_lc_flags_on_a_model_without_spatial_conv_are_one_line_before_any_work(capsys, extra, refused):
-    """Every conv 1×1: the LC flags would do nothing, so they are refused up front (a 2×2 patch stem is a spatial
-    conv, so that ConvMixer takes them)."""
-    if refused is None:
-        assert train.parse_args(extra).expansion == 2
-        return
-    with pytest.raises(SystemExit) as exit:
-        train.parse_args(extra)
-    error = capsys.readouterr().err
-    assert exit.value.code == 2 and error.count("\n") == 1, error
-    assert "has no spatial conv" in error and f"nothing for {refused} to act on" in error, error
-
-
-def test_a_plain_run_without_spatial_conv_records_empty_filter_metrics(tiny_data, tmp_path):
-    train.main(tiny_args(tiny_data, tmp_path, "--kernel-size", "1", "--epochs", "1"))
-    [result] = results(tmp_path)
-    assert result["test_acc"] is not None and result["kernel_size"] == 1
-    for key in ("fve_first", "fve_last", "spatial_variance", "basis", "first_filters"):
-        assert result[key] is None, key
-
-
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_an_interrupted_run_says_to_resume_only_with_a_checkpoint(tmp_path, monkeypatch, checkpoint):
-    def interrupted(*args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "run", interrupted)
-    argv = ["--out", str(tmp_path / "r.jsonl")] + ["--checkpoint", str(tmp_path / "run.pt")] * checkpoint
-    with pytest.raises(SystemExit) as exit:
-        train.main(argv)
-    message = str(exit.value.code)
-    assert message.startswith("train.py: interrupted") and message.count("\n") == 0
-    assert ("resume from --checkpoint" in message) == checkpoint, message
 
 
 # train.py's bf16 path (autocast, channels_last), on the CPU and, where there is one, CUDA
@@ -965,19 +932,18 @@ def test_old_result_lines_match_with_the_new_flags_at_their_defaults(tmp_path, e
 def test_benchmark_table_has_paired_ratios_and_flags_a_noisy_row():
     """Per round, the baseline; the preconditioned x128 row a steady 1.02x, bf16 half its fp32; the two-conv row
     2x to 3x (noisy). In round 3 a neighbour slows the fp32 baseline 5x: no row is flagged for it."""
-    times, memory = {}, {}
+    times, memory = {}, {("—", 0): 100.0, ("preconditioned", 128): 110.0, ("two convs", 8): 300.0,
+                         ("one conv (folded)", 512): 9999.0}  # the last one out of memory: no times
     for base, two in [(100, 200), (100, 300), (500, 200), (100, 300), (100, 250)]:
         for key, ms in [(("—", 0, "fp32"), base), (("—", 0, "bf16"), 50.0), (("preconditioned", 128, "fp32"), 1.02 * base),
                         (("preconditioned", 128, "bf16"), 51.0), (("two convs", 8, "fp32"), two),
                         (("two convs", 8, "bf16"), two / 2)]:
             times.setdefault(key, []).append(ms)
-            memory[key] = 100.0
-    memory["one conv (folded)", 512, "fp32"] = memory["one conv (folded)", 512, "bf16"] = None  # out of memory
-    table = train.bench_table(times, memory)
+    table = train.bench_table(times, memory, ("fp32", "bf16"))
     rows = {tuple(line.split(" | ")[1:3]): line.split(" | ") for line in table.splitlines() if line.startswith("| LC-")}
-    assert rows["preconditioned", "fp32"][4] == "1.02 [1.02–1.02]" and rows["preconditioned", "fp32"][5] == "—"
-    assert rows["preconditioned", "bf16"][4] == "1.02 [1.02–1.02]" and rows["preconditioned", "bf16"][5] == "0.50 [0.50–0.50]"
-    assert rows["two convs", "fp32"][4] == "2.50 [2.00–3.00] (noisy)" and rows["two convs", "fp32"][6] == "100"
+    assert rows["preconditioned", "fp32"][4:8] == ["1.02 [1.02–1.02]", "—", "110", "1.10 |"]
+    assert rows["preconditioned", "bf16"][4:6] == ["1.02 [1.02–1.02]", "0.50 [0.50–0.50]"]
+    assert rows["two convs", "fp32"][4] == "2.50 [2.00–3.00] (noisy)" and rows["two convs", "fp32"][6] == "300"
     assert rows["one conv (folded)", "bf16"][3] == "out of memory" and len(rows) == 6  # the baseline's rows aside
     assert "2 ratio(s) spread" in table and "Do not trust them" in table
 
@@ -1288,11 +1254,28 @@ def test_runs_with_a_flag_added_to_train_py_stay_out_of_the_existing_tables(swee
     assert "(2)" not in report and "20.00" not in report.split("# Provenance")[0]
 
 
-def test_report_of_the_committed_results_has_table1_the_length_axis_and_the_filters(sweep, capsys, tmp_path):
+def test_every_committed_run_is_finished_by_its_own_listed_command_and_in_the_report(sweep, capsys, tmp_path):
+    """Each line of results/*.jsonl: its command from `experiments.sh --list` (the recipe group's, or QUICK's with
+    RESULTS=results), given the line's precision, says it is finished and writes nothing; the report uses each."""
+    commands = {}
+    for groups, env in [(["recipe"], dict(SEEDS="0 1 2 3")), (["table1", "expansion", "mechanism", "length"],
+                                                                dict(QUICK="1", SEEDS="0 1 2", RESULTS="results"))]:
+        for command in listed(sweep, capsys, *groups, **env):
+            argv = shlex.split(command)[2:]
+            commands[json.dumps({**train.recipe(train.parse_args(argv)), "precision": None}, sort_keys=True)] = argv
     for path in (HERE / "results").glob("*.jsonl"):
         (tmp_path / path.name).write_bytes(path.read_bytes())
+    lines = [line for path in sorted(tmp_path.glob("*.jsonl")) for _, line in train.read_lines(path)]
+    assert len(lines) >= 50 and all(train.unusable(line) is None for line in lines)
+    for line in lines:
+        config = train.recipe(line)
+        argv = commands[json.dumps({**config, "precision": None}, sort_keys=True)]
+        argv = [a.replace("results/checkpoints", str(tmp_path)).replace("results/", f"{tmp_path}/") for a in argv]
+        train.main(argv + ["--precision", config["precision"]])
+        assert capsys.readouterr().out.startswith("already in"), argv
+    assert all(path.read_bytes() == (tmp_path / path.name).read_bytes() for path in (HERE / "results").glob("*.jsonl"))
+    assert not list(tmp_path.glob("*.pt"))
     report = report_of(sweep, tmp_path, [])
-    lines = [line for path in tmp_path.glob("*.jsonl") for _, line in train.read_lines(path)]
     assert f"{len(lines)} finished runs" in report and "not used" not in report
     row = table(report, "Table 1:", "75 epoch(s) on the full training set")["fashionmnist"]
     assert row["paper"] == "93.65 ± 0.18" and row["baseline"].endswith(")") and row["LC frozen"].endswith(")")
@@ -1302,25 +1285,3 @@ def test_report_of_the_committed_results_has_table1_the_length_axis_and_the_filt
     assert len(provenance(report)) == sum(r["train_subset"] is None for r in lines)
     assert ("(plots/filters_fashionmnist.png)" in report) == ("seed 0, 75 epoch(s) on the full" in report) \
         == (tmp_path / "plots" / "length_fashionmnist.png").exists() == HAS_MATPLOTLIB
-
-
-def test_every_committed_run_is_finished_by_its_own_listed_command(sweep, capsys, tmp_path):
-    """Each line of results/*.jsonl: its command from `experiments.sh --list` (the recipe group's, or QUICK's with
-    RESULTS=results), given the line's precision, says it is finished and writes nothing."""
-    commands = {}
-    for groups, env in [(["recipe"], dict(SEEDS="0 1 2 3")), (["table1", "expansion", "mechanism", "length"],
-                                                                dict(QUICK="1", SEEDS="0 1 2", RESULTS="results"))]:
-        for command in listed(sweep, capsys, *groups, **env):
-            argv = shlex.split(command)[2:]
-            commands[json.dumps({**train.recipe(train.parse_args(argv)), "precision": None}, sort_keys=True)] = argv
-    lines = [(path, line) for path in sorted((HERE / "results").glob("*.jsonl")) for _, line in train.read_lines(path)]
-    assert len(lines) >= 50 and all(train.unusable(line) is None for _, line in lines)
-    for path, line in lines:
-        config = train.recipe(line)
-        argv = commands[json.dumps({**config, "precision": None}, sort_keys=True)]
-        copy = tmp_path / path.name
-        copy.write_bytes(path.read_bytes())
-        argv = [a.replace(f"results/{path.name}", str(copy)).replace("results/checkpoints", str(tmp_path)) for a in argv]
-        train.main(argv + ["--precision", config["precision"]])
-        assert capsys.readouterr().out.startswith("already in"), (path.name, argv)
-        assert copy.read_bytes() == path.read_bytes() and not list(tmp_path.glob("*.pt"))

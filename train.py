@@ -13,13 +13,13 @@ autocast where that is faster than fp32 (--precision).
     python train.py --benchmark                                     # step time and memory vs E
 """
 import argparse
+import ctypes
 import fcntl
 import gzip
 import hashlib
 import inspect
 import json
 import math
-import multiprocessing
 import os
 import platform
 import resource
@@ -441,12 +441,6 @@ def filter_metrics(net):
                 first_filters=first.double().mul(1e5).round().div(1e5).tolist())
 
 
-def peak_memory_mb(device):  # CUDA: peak allocated tensor memory; CPU: the process's peak resident memory
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # -----------------------------------------------------------------------------
 # Results and checkpoints: written whole or not at all, one run per config at a time
 
@@ -598,7 +592,9 @@ def run(args, config, device):
         train_acc=accuracy(model, data["train_x"], data["train_y"], bs, precision),
         fgsm_acc=accuracy(model, data["test_x"], data["test_y"], bs, precision, args.fgsm_eps),
         train_loss=train_loss, params_learnable=learnable, params_total=total, **filter_metrics(model.net),
-        epoch_time_median_s=statistics.median(epoch_times), peak_mem_mb=peak_memory_mb(device),
+        epoch_time_median_s=statistics.median(epoch_times),  # CUDA: allocated tensors; CPU: resident memory
+        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         hardware=hardware(device), torch=torch.__version__, code=CODE_VERSION)
     try:
         append_result(args.out, result)
@@ -627,37 +623,29 @@ def bench_step(path, expansion, batch_size, device):
     return model, make_optimizer(model, 0.01, 0.9, 0.01), x, torch.randint(0, 10, (batch_size,), device=device)
 
 
-def bench_memory(key, batch_size, device, queue):
-    """In a fresh process: peak MB of building the row's model and three training steps (None: out of memory).
-    CUDA: allocated tensors; CPU: resident memory above the process's start-up."""
-    resident = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
-    try:
-        device, start = torch.device(device), resident("VmRSS:")
-        step = bench_step(*key[:2], batch_size, device)
-        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else Path("/proc/self/clear_refs").write_text("5")
-        for _ in range(3):
-            train_step(*step, 0.1, key[2])
-        queue.put(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident("VmHWM:") - start)
-    except (RuntimeError, MemoryError):
-        queue.put(None)
-
-
 def benchmark(batch_size, device):
     """Each row's ms per step in fp32 and bf16, interleaved round by round so that drift and neighbours hit all
-    alike (a turn: one untimed step, which absorbs the switch of model, then steps for some seconds); its peak
-    memory in a fresh process; printed by bench_table."""
+    alike (a turn: one untimed step, which absorbs the switch of model, then steps for some seconds), and its peak
+    memory, building the model and three steps (CUDA: allocated tensors; CPU: resident memory); then bench_table."""
     cuda, sync = device.type == "cuda", torch.cuda.synchronize if device.type == "cuda" else lambda: None
     precisions = ("fp32", "bf16") if not cuda or torch.cuda.is_bf16_supported() else ("fp32",)
-    keys = [(path, e, p) for path, e in BENCH_ROWS for p in precisions]
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors go back: resident follows live
-    spawn, memory = multiprocessing.get_context("spawn"), {}
-    for key in keys:
-        process = spawn.Process(target=bench_memory, args=(key, batch_size, str(device), queue := spawn.Queue()))
-        process.start()
-        process.join()
-        memory[key] = queue.get() if process.exitcode == 0 else None
-    steps = {key[:2]: bench_step(*key[:2], batch_size, device) for key in keys if memory[key]}
-    times, rounds = {key: [] for key in keys if memory[key]}, 5 if cuda else 7
+    if not cuda:  # freed tensors go back to the system at once, so that resident memory follows the live tensors
+        ctypes.CDLL(None).mallopt(-3, 65536)  # glibc's M_MMAP_THRESHOLD
+    resident = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
+    for precision in precisions:  # once untimed and unmeasured: the libraries' first-use set-up
+        train_step(*bench_step("—", 0, batch_size, device), 0.1, precision)
+    steps, memory = {}, {}
+    for path, e in BENCH_ROWS:
+        torch.cuda.reset_peak_memory_stats() if cuda else Path("/proc/self/clear_refs").write_text("5")
+        start = torch.cuda.memory_allocated() / 2**20 if cuda else resident("VmRSS:")
+        try:
+            steps[path, e] = bench_step(path, e, batch_size, device)
+            for precision in precisions * 3:
+                train_step(*steps[path, e], 0.1, precision)
+        except (RuntimeError, MemoryError):  # out of memory
+            steps.pop((path, e), None)
+        memory[path, e] = (torch.cuda.max_memory_allocated() / 2**20 if cuda else resident("VmHWM:")) - start
+    times, rounds = {(path, e, p): [] for path, e in steps for p in precisions}, 5 if cuda else 7
     for _ in tqdm(range(rounds), "benchmark rounds", disable=None, file=sys.stderr):
         for (path, e, precision), t in times.items():
             train_step(*steps[path, e], 0.1, precision)
@@ -670,22 +658,23 @@ def benchmark(batch_size, device):
             t.append((time.perf_counter() - start) / n * 1000)
     print(f"Training step, batch {batch_size}, 32×32, channels_last, {hardware(device)}, torch {torch.__version__}, "
           f"code {CODE_VERSION}; median of {rounds} interleaved rounds; ratios: median [interquartile range] "
-          f"of the per-round ratios\n\n{bench_table(times, memory)}")
+          f"of the per-round ratios\n\n{bench_table(times, memory, precisions)}")
 
 
-def bench_table(times, memory):
-    """The table of {(path, E, precision): ms a round} and {the same: peak MB or None}; a ratio whose
-    interquartile range exceeds 10% of it is flagged (noisy)."""
+def bench_table(times, memory, precisions):
+    """The table of {(path, E, precision): ms a round} and {(path, E): peak MB, its model out of memory if it has
+    no times}; a ratio whose interquartile range exceeds 10% of it is flagged (noisy)."""
     def ratio(a, b):
         low, r, high = statistics.quantiles([x / y for x, y in zip(a, b)], n=4, method="inclusive")
         return f"{r:.2f} [{low:.2f}–{high:.2f}]" + " (noisy)" * (high - low > 0.1 * r)
     lines = ["| model | LC path | precision | ms/step | × baseline | × fp32 | peak MB | × baseline |", "|---" * 8 + "|"]
-    for (path, e, precision), mb in memory.items():
-        t, base, name = times.get((path, e, precision)), ("—", 0, precision), f"LC-x{e} frozen" if e else "ResNet-20-16"
-        fp32 = ratio(t, times[path, e, "fp32"]) if t and precision != "fp32" else "—"
-        lines.append(f"| {name} | {path} | {precision} | out of memory | | | | |" if not t else
-                     f"| {name} | {path} | {precision} | {statistics.median(t):.1f} | {ratio(t, times[base])} | "
-                     f"{fp32} | {mb:.0f} | {mb / memory[base]:.2f} |")
+    for (path, e), mb in memory.items():
+        name = f"LC-x{e} frozen" if e else "ResNet-20-16"
+        for precision, t in [(p, times.get((path, e, p))) for p in precisions]:
+            fp32 = ratio(t, times[path, e, "fp32"]) if t and precision != "fp32" else "—"
+            lines.append(f"| {name} | {path} | {precision} | out of memory | | | | |" if not t else
+                         f"| {name} | {path} | {precision} | {statistics.median(t):.1f} | "
+                         f"{ratio(t, times['—', 0, precision])} | {fp32} | {mb:.0f} | {mb / memory['—', 0]:.2f} |")
     noisy = sum(line.count("(noisy)") for line in lines)
     return "\n".join(lines + [f"\n{noisy} ratio(s) spread by more than 10% over the rounds: the machine was "
                               "busy. Do not trust them; rerun on a quiet machine."] * bool(noisy))
