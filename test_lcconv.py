@@ -1223,15 +1223,21 @@ def test_report_skips_and_counts_the_lines_it_cannot_use_in_any_file(sweep, caps
     assert not (tmp_path / "plots" / "filters_fashionmnist.png").exists()  # a malformed first_filters draws nothing
 
 
-def test_a_seed_counts_once_fp32_where_it_has_both_precisions_and_provenance_lists_every_run(sweep, capsys, tmp_path):
-    baselines = listed(sweep, capsys, "recipe", SEEDS="0 1 2", RESULTS=str(tmp_path))[:3]  # 75 epochs, baseline
-    (path, fp32), (_, seed1), (_, bf16) = [made_up(c, acc) for c, acc in zip(baselines, (93.0, 94.0, 95.0))]
+def test_a_seed_counts_once_fp32_where_it_has_both_precisions_and_gains_pair_by_seed(sweep, capsys, tmp_path):
+    commands = listed(sweep, capsys, "recipe", SEEDS="0 1 2", RESULTS=str(tmp_path))  # 75 epochs: baseline, frozen
+    (path, fp32), (_, seed1), (_, bf16) = [made_up(c, acc) for c, acc in zip(commands, (93.0, 94.0, 95.0))]
     old = dict({k: v for k, v in fp32.items() if k != "precision"}, device="cpu")  # from before --precision: fp32
-    report = report_of(sweep, tmp_path, [(path, dict(fp32, precision="bf16", test_acc=90.0)), (path, old),
+    frozen = made_up(commands[3], 93.5, first_filters=[[[[0.3, -0.3]]]])  # seed 0 only
+    report = report_of(sweep, tmp_path, [(path, dict(fp32, precision="bf16", test_acc=90.0)), (path, old), frozen,
                                          (path, dict(seed1, precision="bf16")), (path, dict(bf16, device="NVIDIA H100"))])
     assert table(report, "Table 1:", "75 epoch(s)")["fashionmnist"]["baseline"] == summary([93.0, 94.0, 95.0])
-    assert [(row[3], row[4], row[7]) for row in provenance(report)] == [
-        ("0", "bf16", "90.00"), ("0", "fp32", "93.00"), ("1", "bf16", "94.00"), ("2", "fp32", "95.00")]
+    length = table(report, "The length axis", "across training lengths")["75 epochs"]
+    assert length["gain, frozen LC x128"] == "+0.50 (1)"  # against seed 0's baseline, not the mean of three
+    forgotten = table(report, "Is the init forgotten?", "across training lengths")["75 epochs"]
+    assert forgotten["frozen LC x128 / sqrt(alpha)"] == f"{0.3 / math.sqrt(4.7):.3f} (1)"  # its first layer's alpha
+    assert [(row[2], row[3], row[4], row[7]) for row in provenance(report)] == [
+        ("baseline", "0", "bf16", "90.00"), ("baseline", "0", "fp32", "93.00"), ("baseline", "1", "bf16", "94.00"),
+        ("baseline", "2", "fp32", "95.00"), ("expansion 128, frozen", "0", "fp32", "93.50")]
 
 
 @pytest.mark.parametrize("flag, other", [(dict(type=float, default=0.0), 1.0), (dict(type=int, metavar="E"), 64)])
