@@ -16,9 +16,10 @@ the train.py runs behind its tables and figures, then $RESULTS/REPORT.md, ours b
   bash experiments.sh report              rebuild $RESULTS/REPORT.md and its plots from the results
   SEEDS=0 bash experiments.sh recipe      the paper's recipe on all 60,000 Fashion-MNIST images, for a CPU:
                                           75 epochs, and 5 and 15 (EPOCHS and TRAIN_SUBSET do not apply)
-  QUICK=1 bash experiments.sh             Table 1, Fig. 4 and the mechanism group on a 2-core CPU: Fashion-MNIST,
-                                          its first 5,000 images, 5 epochs (100 SGD steps)
-  QUICK=1 SEEDS="0 1 2" bash experiments.sh length    the 100-step comparison at E = 128, 3 seeds
+  SEEDS="0 1" bash experiments.sh expansion15    Fig. 4 and 5 on all of Fashion-MNIST at 15 epochs, for a CPU
+  QUICK=1 bash experiments.sh             the quick group: Table 1's Fashion-MNIST row at 3 epochs on all images
+  QUICK=1 bash experiments.sh expansion mechanism length    those groups at 100 SGD steps (5 epochs on the
+                                          first 5,000 images): fast, but their differences are mostly seed noise
 
 Settings, from the environment (paper's defaults): SEEDS="0 1 2 3"  EPOCHS=75  DATASETS="cifar10 cifar100 svhn
 fashionmnist" (groups keep only runs on these)  DATA_DIR=./data  RESULTS=results  TRAIN_SUBSET="" (train on the
@@ -26,8 +27,9 @@ first N images)  TRAIN_ARGS="" (added to every run, overriding it)  PYTHON=pytho
 SEEDS=0 EPOCHS=5 DATASETS=fashionmnist TRAIN_SUBSET=5000 RESULTS=results-quick.
 
 A run appends a JSON line to $RESULTS/<dataset>-<epochs>ep[-<N images>].jsonl, one small file per training setting,
-kept in git; a run with a line there is skipped, an interrupted one resumes from $RESULTS/checkpoints, a failed one
-is reported and the exit status is 1. The report reads every *.jsonl in $RESULTS.
+kept in git; a run with a line there (in either precision) is skipped, an interrupted one resumes from
+$RESULTS/checkpoints, a failed one is reported and the exit status is 1. Runs go seed by seed, so that one seed's
+curve is complete first. The report reads every *.jsonl in $RESULTS.
 """
 import collections
 import functools
@@ -159,25 +161,59 @@ LEARNABLE_FROZEN = {"learnable": Column({}), "frozen": Column(FROZEN)}
 TABLE1 = Table(
     "Table 1: ResNet-20-16 vs ResNet-LC-20-16x128, test accuracy %", "dataset",
     {ds: dict(dataset=ds) for ds in PAPER_TABLE1},
-    {"baseline": Column({}), "LC learnable": Column(LC_128), "LC frozen": Column(FROZEN_128)}, min_rows=1,
+    {"baseline": Column({}), "LC learnable": Column(LC_128), "LC frozen": Column(FROZEN_128),
+     "gain, LC learnable": Column(LC_128, minus={}), "gain, LC frozen": Column(FROZEN_128, minus={}),
+     **{f"FGSM {label}": Column(config, "fgsm_acc") for label, config in [
+         ("baseline", {}), ("LC learnable", LC_128), ("LC frozen", FROZEN_128)]}}, min_rows=1,
     paper={ds: dict(zip(("baseline", "LC learnable", "LC frozen"), p)) for ds, p in PAPER_TABLE1.items()},
-    found="Paper (4 seeds): frozen LC x128 beats learnable LC x128 everywhere, at most 0.02 below the baseline.")
+    found="Paper (4 seeds): frozen LC x128 beats learnable LC x128 everywhere, at most 0.02 below the baseline. Gains: "
+          "over the same seed's baseline.")
 group("table1", "Table 1: baseline vs LC x128 learnable vs frozen, four datasets", TABLE1)(
     lambda s: (c for ds in PAPER_TABLE1 for c in [flags("--dataset", ds), *pair("--dataset", ds, "--expansion", 128)]))
 
 
-@group("expansion", "Fig. 4 (accuracy, params, FGSM) and Fig. 5 (FVE): E = 1 ... 512", Table(
-    "Fig. 4 and 5: ResNet-LC-20-16xE, learnable parameters, test and FGSM accuracy %, FVE of the first and last "
-    "spatial layer", "E (0: no LC)", {e: dict(expansion=e) for e in (0, *EXPANSIONS)},
+# A row holds E as --expansion and --lc-init; each column unsets the one it does not mean (E = 0: the baseline)
+AS_BLOCK, BASELINE = dict(lc_init=None), dict(expansion=0, lc_init=None)
+FIG4_KINDS = {"frozen": dict(AS_BLOCK, **FROZEN), "learnable": AS_BLOCK,
+              "preconditioned": dict(AS_BLOCK, **PRECONDITIONED), "--lc-init": dict(expansion=0)}
+FIG4 = Table(
+    "Fig. 4: ResNet-LC-20-16xE, test and FGSM accuracy %, gains paired by seed", "E (0: no LC)",
+    {e: dict(expansion=e, lc_init=e) for e in (0, *EXPANSIONS, 2048, 8192)},
+    {**{f"{name}, {kind}": Column(config, metric) for name, metric in [("test acc", "test_acc"), ("FGSM", "fgsm_acc")]
+        for kind, config in FIG4_KINDS.items()},
+     "gain, frozen": Column(FIG4_KINDS["frozen"], minus=BASELINE),
+     "gain, learnable": Column(AS_BLOCK, minus=BASELINE),
+     "frozen − learnable": Column(FIG4_KINDS["frozen"], minus=AS_BLOCK),
+     "FGSM gain, frozen": Column(FIG4_KINDS["frozen"], "fgsm_acc", minus=BASELINE)},
+    min_rows=3, plot="expansion", found="Paper (CIFAR-10): (a) learnable LC at or below the baseline (E = 0) at every "
+    "E; (b) frozen LC above learnable from E = 8 and above the baseline at E = 128, then declining slightly; (c) frozen "
+    "LC's FGSM accuracy rising with E, above both. Beyond the paper: *preconditioned* is frozen LC trained as one "
+    "conv, *--lc-init* its large-E limit under BatchNorm.")
+FIG5 = Table(
+    "Fig. 5: ResNet-LC-20-16xE, learnable parameters and FVE of the first and last spatial layer", "E (0: no LC)",
+    {e: dict(expansion=e) for e in (0, *EXPANSIONS)},
     {f"{name}, {kind}": Column(config, metric) for name, metric in [
-        ("params", "params_learnable"), ("test acc", "test_acc"), ("FGSM", "fgsm_acc"), ("FVE first", "fve_first"),
-        ("FVE last", "fve_last")] for kind, config in (("frozen", FROZEN), ("learnable", {}))}, min_rows=3,
-    plot="expansion", found="Paper: frozen beats learnable from E = 8 and the baseline (E = 0) at E = 128, then "
-    "declines slightly; its FGSM accuracy rises with E, above both; its FVE stays above theirs."))
+        ("params", "params_learnable"), ("FVE first", "fve_first"), ("FVE last", "fve_last")]
+     for kind, config in (("frozen", FROZEN), ("learnable", {}))}, min_rows=3,
+    found="Paper (CIFAR-10): (d) frozen LC's FVE stays above the baseline's and learnable LC's.")
+
+
+@group("expansion", "Fig. 4 (accuracy, FGSM) and Fig. 5 (params, FVE): E = 1 ... 512", FIG4, FIG5)
 def expansion_runs(s):
     yield flags("--dataset", s.main)
     for e in (1, 4, 16, 64, 128) if s.quick else EXPANSIONS:
         yield from pair("--dataset", s.main, "--expansion", e)
+
+
+@group("expansion15", "Fig. 4 and 5 on all of Fashion-MNIST at 15 epochs, for a CPU: E = 1 ... 8192", FIG4, FIG5)
+def expansion15_runs(s):  # its own schedule: EPOCHS and TRAIN_SUBSET do not apply
+    # learnable LC x256 and x512 (77 M and 154 M parameters) are left out: too slow for a CPU
+    setting = ("--dataset", "fashionmnist", "--epochs", 15)
+    yield flags(*setting)
+    yield from (flags(*setting, "--expansion", e, "--frozen") for e in EXPANSIONS)
+    yield from (flags(*setting, "--expansion", e) for e in LC_EXPANSIONS)
+    yield from (flags(*setting, "--expansion", e, "--frozen", "--preconditioned") for e in (2048, 8192))
+    yield from (flags(*setting, "--lc-init", e) for e in (8, 32, 128, 512, 2048))
 
 
 def scaling(key, sizes, figure, found):
@@ -260,11 +296,13 @@ LENGTH_KINDS = {"frozen LC x128": FROZEN_128, "learnable LC x128": LC_128,
                 "preconditioned x128": dict(FROZEN_128, preconditioned=True), "--lc-init 128": lc_init(128)}
 LENGTH_FASHIONMNIST = Table(
     f"The length axis on fashionmnist: {', '.join(LENGTH_KINDS)} against the baseline, test accuracy %", "schedule",
-    {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000), **{f"{n} epochs": dict(epochs=n) for n in (5, 15, 75)}},
+    {"5 epochs on 5,000 images": dict(epochs=5, train_subset=5000),
+     **{f"{n} epochs": dict(epochs=n) for n in (3, 5, 15, 75)}},
     {"baseline": Column({}), **{name: column for label, config in LENGTH_KINDS.items() for name, column in
                                 [(label, Column(config)), (f"gain, {label}", Column(config, minus={}))]},
      **{f"FGSM {label}": Column(LENGTH_KINDS.get(label, {}), "fgsm_acc") for label in
-        ("baseline", "frozen LC x128", "--lc-init 128")}}, base=dict(dataset="fashionmnist"), spans=True,
+        ("baseline", "frozen LC x128", "learnable LC x128", "--lc-init 128")},
+     "FGSM gain, frozen LC x128": Column(FROZEN_128, "fgsm_acc", minus={})}, base=dict(dataset="fashionmnist"), spans=True,
     found="Paper: at 75 epochs only, frozen LC x128 +0.00 over the baseline (Table 1).", min_rows=1, plot="length")
 # Is the init forgotten? Under BatchNorm a filter's scale sets only its effective learning rate, and weight decay pulls
 # every norm to one equilibrium; frozen LC xE trains as the plain net from K/sqrt(alpha), which is --lc-init E
@@ -285,6 +323,13 @@ def recipe_runs(s):  # its own schedules on all 60,000 images: EPOCHS and TRAIN_
             yield flags("--dataset", "fashionmnist", "--epochs", epochs, *kind)
 
 
+@group("quick", "what QUICK=1 runs: Table 1's Fashion-MNIST row at 3 epochs on all 60,000 images", TABLE1,
+       LENGTH_FASHIONMNIST)
+def quick_runs(s):  # its own schedule: long enough that frozen LC's FGSM lead stands above seed noise
+    for kind in [[], ["--expansion", 128, "--frozen"], ["--expansion", 128]]:
+        yield flags("--dataset", "fashionmnist", "--epochs", 3, *kind)
+
+
 @group("length", "the length axis at the settings' schedule (QUICK: its 100-step row, for more seeds)",
        LENGTH_FASHIONMNIST, FORGOTTEN_FASHIONMNIST)
 def length_runs(s):
@@ -293,7 +338,7 @@ def length_runs(s):
         yield flags("--dataset", "fashionmnist", *kind)
 
 
-QUICK_GROUPS = ("table1", "expansion", "mechanism")
+QUICK_GROUPS = ("quick",)
 TABLES = list(dict.fromkeys(t for g in GROUPS.values() for t in g.tables))  # each once, in the groups' order
 
 # -----------------------------------------------------------------------------
@@ -302,32 +347,39 @@ TABLES = list(dict.fromkeys(t for g in GROUPS.values() for t in g.tables))  # ea
 Run = collections.namedtuple("Run", "group argv out checkpoint log")  # argv: train.py's; out: its results file
 
 
+def setting_name(c):  # a training setting as its results file is named
+    return f"{c['dataset']}-{c['epochs']}ep" + f"-{c['train_subset']}" * bool(c["train_subset"])
+
+
 def runs_of(groups, s):
-    """The groups' runs, each config once (groups share some), in its first group."""
+    """The groups' runs, seed by seed, each config once (groups share some), in its first group."""
     runs = {}
-    for group, config in [(group, config) for group in groups for config in group.configs(s)]:
+    for seed, group, config in [(seed, group, config) for seed in s.seeds for group in groups
+                                for config in group.configs(s)]:
         if config[config.index("--dataset") + 1] not in s.datasets:
             continue
         text = " ".join(config)
         # the settings' schedule, unless the config brings its own (--epochs and all images)
         epochs = [] if "--epochs" in config else flags("--epochs", s.epochs)
         subset = flags("--train-subset", s.train_subset) if epochs and s.train_subset else []
-        for seed in s.seeds:
-            recipe, extra = [*config, "--seed", seed, *epochs, *subset], shlex.split(s.train_args)
-            digest = hashlib.md5(shlex.join(recipe + extra).encode()).hexdigest()[:8]  # the name is unique to the run
-            name = f"{text.replace('--', '').replace(' ', '_')}_seed_{seed}-{digest}"
-            args = train.PARSER.parse_args(recipe + extra)  # the schedule after TRAIN_ARGS; a bad flag: exit 2
-            setting = f"{args.dataset}-{args.epochs}ep" + f"-{args.train_subset}" * bool(args.train_subset)
-            out, checkpoint = f"{s.results}/{setting}.jsonl", f"{s.results}/checkpoints/{name}.pt"
-            argv = [*recipe, "--data-dir", s.data_dir, "--out", out, "--checkpoint", checkpoint, "--skip-finished", *extra]
-            runs.setdefault(json.dumps(vars(args)), Run(group.name, argv, out, checkpoint, f"{s.results}/logs/{name}.log"))
+        recipe, extra = [*config, "--seed", seed, *epochs, *subset], shlex.split(s.train_args)
+        digest = hashlib.md5(shlex.join(recipe + extra).encode()).hexdigest()[:8]  # the name is unique to the run
+        name = f"{text.replace('--', '').replace(' ', '_')}_seed_{seed}-{digest}"
+        args = train.PARSER.parse_args(recipe + extra)  # the schedule after TRAIN_ARGS; a bad flag: exit 2
+        out, checkpoint = f"{s.results}/{setting_name(vars(args))}.jsonl", f"{s.results}/checkpoints/{name}.pt"
+        argv = [*recipe, "--data-dir", s.data_dir, "--out", out, "--checkpoint", checkpoint, "--skip-finished", *extra]
+        runs.setdefault(json.dumps(vars(args)), Run(group.name, argv, out, checkpoint, f"{s.results}/logs/{name}.log"))
     return list(runs.values())
 
 
 def unfinished(runs):
-    """(run, its arguments) for the runs without a usable line in their results file (a bad SEEDS, EPOCHS or
-    TRAIN_ARGS: one line, exit 2); train.py's --skip-finished asks again, for a second sweep on the same RESULTS."""
-    return [(run, args) for run in runs if not train.finished(run.out, train.recipe(args := train.parse_args(run.argv)))]
+    """(run, its arguments) for the runs without a usable line of their config in their results file, in either
+    precision, as the report counts them (a bad SEEDS, EPOCHS or TRAIN_ARGS: one line, exit 2); train.py's
+    --skip-finished asks again, for its own precision, for a second sweep on the same RESULTS."""
+    def key(config):
+        return json.dumps({**train.recipe(config), "precision": None}, sort_keys=True)
+    done = {key(line) for out in {run.out for run in runs} for _, line in train.read_lines(out) if not train.unusable(line)}
+    return [(run, args) for run in runs if key(args := train.parse_args(run.argv)) not in done]
 
 
 # -----------------------------------------------------------------------------
@@ -514,41 +566,61 @@ def save_figure(fig, folder, name):
     pyplot().close(fig)
 
 
-def plot(folder, name, caption, xlabel, ylabel, curves, baseline, log_base):
-    """A line plot of each curve's means, with a dot for each seed, into plots/ -> its markdown ("" without matplotlib).
-    curves: label -> [(x, Cell)]."""
-    if not (plt := pyplot()):
-        return ""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, points in curves.items():
+def draw(ax, curves, baseline, xlabel, ylabel, log_base):
+    """Each curve's means, in its style (matplotlib's line arguments), with a dot for each seed; the baseline (a Cell)
+    as a dashed line at its mean in a grey band from its lowest seed to its highest. curves: label -> ([(x, Cell)], style)."""
+    for label, (points, style) in curves.items():
         if points := [(x, cell) for x, cell in points if cell.value is not None]:
-            line, = ax.plot([x for x, _ in points], [c.value for _, c in points], marker="o", label=label)
+            line, = ax.plot([x for x, _ in points], [c.value for _, c in points], label=label, **style)
             seeds = [(x, v) for x, c in points for v in c.values if len(c.values) > 1]
             ax.scatter(*zip(*seeds), s=12, color=line.get_color(), alpha=0.5) if seeds else None
-    ax.axhline(baseline, color="grey", linestyle="--", label="baseline")
+    ax.axhline(baseline.value, color="grey", linestyle="--", label="baseline")
+    if len(baseline.values) > 1:
+        ax.axhspan(min(baseline.values), max(baseline.values), color="grey", alpha=0.2, linewidth=0)
     ax.set_xscale("log", base=log_base)
     ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.legend()
+
+
+# Fig. 4's kinds: the paper's two as lines, the exact form and the large-E limit as points apart
+FIG4_STYLES = {"frozen": dict(marker="o"), "learnable": dict(marker="o"),
+               "preconditioned": dict(marker="s", linestyle="none", markerfacecolor="none"),
+               "--lc-init": dict(marker="^", linestyle=":")}
+
+
+def expansion_figure(folder, rows, where):
+    """Fig. 4's shape from its table's rows: test and FGSM accuracy against E, side by side; m/d = 1 marked."""
+    baseline, c = rows[0][2], rows[0][1]  # the row E = 0
+    if baseline["test acc, learnable"].value is None or not (plt := pyplot()):
+        return ""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, ("test acc", "FGSM")):
+        curves = {f"{kind} LC" if kind in ("frozen", "learnable") else kind: (
+            [(keys["expansion"], cells[f"{metric}, {kind}"]) for _, keys, cells in rows[1:]], style)
+            for kind, style in FIG4_STYLES.items()}
+        draw(ax, curves, baseline[f"{metric}, learnable"], "E (LC expansion)", f"{metric} %", 2)
+        ax.axvline(9, color="black", linestyle=":", linewidth=1, label="m/d = 1")  # E·c_out = c_in·3·3
+        ax.xaxis.set_major_formatter("{x:.0f}")  # 1, 4, 16, ... rather than powers of 2
+    axes[0].legend(fontsize=7)
+    name = f"expansion_{setting_name(c)}"
     save_figure(fig, folder, name)
-    return f"![{name}](plots/{name}.png)\n\n{caption}\n"
+    return (f"![{name}](plots/{name}.png)\n\nTest accuracy (left) and FGSM accuracy at ε = {c['fgsm_eps'] * 255:.3g}/255 "
+            f"(right) against E on {c['dataset']}, runs {where} (Fig. 4): the mean over seeds, a dot for each seed; the "
+            "grey band spans the baseline's seeds; dotted, m/d = 1 in the 3×3 convs of equal width (E = 9).\n")
 
 
-def expansion_figure(folder, rows, ds, where):
-    """Fig. 4's shape: test accuracy against E, frozen and learnable LC, the baseline as a line."""
-    curves = {f"{kind} LC": [(keys["expansion"], cells[f"test acc, {kind}"]) for _, keys, cells in rows
-                             if keys["expansion"]] for kind in ("frozen", "learnable")}
-    baseline = next(cells["test acc, learnable"].value for _, keys, cells in rows if not keys["expansion"])
-    return plot(folder, f"expansion_{ds}", f"Test accuracy against E on {ds}, runs {where} (Fig. 4).",
-                "LC expansion E", "test accuracy %", curves, baseline, 2) if baseline is not None else ""
-
-
-def length_figure(folder, rows, ds, where):
+def length_figure(folder, rows, where):
     """Each kind's gain over the baseline against the SGD steps of its row."""
-    curves = {name.removeprefix("gain, "): [(sgd_steps(keys), cells[name]) for _, keys, cells in rows]
+    if not (plt := pyplot()):
+        return ""
+    curves = {name.removeprefix("gain, "): ([(sgd_steps(keys), cells[name]) for _, keys, cells in rows], dict(marker="o"))
               for name in rows[0][2] if name.startswith("gain, ")}
-    return plot(folder, f"length_{ds}", f"Gain over the same seed's baseline against SGD steps on {ds}, runs {where}: "
-                "the mean over seeds, a dot for each seed.",
-                "SGD steps", "test accuracy % − the baseline's", curves, 0, 10)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    draw(ax, curves, Cell("", 0, []), "SGD steps", "test accuracy % − the baseline's", 10)
+    ax.legend()
+    name = f"length_{rows[0][1]['dataset']}"
+    save_figure(fig, folder, name)
+    return (f"![{name}](plots/{name}.png)\n\nGain over the same seed's baseline against SGD steps on "
+            f"{rows[0][1]['dataset']}, runs {where}: the mean over seeds, a dot for each seed.\n")
 
 
 def filter_grid(filters):
@@ -607,7 +679,7 @@ def provenance(runs):
 
 def write_report(folder):
     runs, lines, skipped, files = load_results(folder)
-    find, datasets, parts, figures = finder(runs), sorted({r["dataset"] for r in runs}), [], {}
+    find, datasets, parts, figures = finder(runs), sorted({r["dataset"] for r in runs}), [], []
     settings = collections.Counter(tuple(r[k] for k in SETTING) for r in runs).most_common()  # most runs first
     for where, context, spans in [*((f"of {describe(dict(zip(SETTING, s)))}", dict(zip(SETTING, s)), False)
                                     for s, _ in settings),
@@ -619,12 +691,11 @@ def write_report(folder):
             for ds in [None] if fixed else datasets:
                 rows = evaluate(table, find, {**context, "dataset": ds})
                 sections += [text] if (text := render(table, rows, ds)) else []
-                if text and table.plot and (key := (table.plot, rows[0][1]["dataset"])) not in figures:
-                    figure = expansion_figure if table.plot == "expansion" else length_figure
-                    figures[key] = figure(folder, rows, key[1], where)
+                if text and table.plot:
+                    figures.append((expansion_figure if table.plot == "expansion" else length_figure)(folder, rows, where))
         if sections:  # runs no table shows (of another --width, say): no empty heading
             parts.append(f"# Runs {where}\n\n" + "\n".join(sections))
-    figures = [f for f in [*figures.values(), *(filters_figure(folder, runs, ds) for ds in datasets)] if f]
+    figures = [f for f in [*figures, *(filters_figure(folder, runs, ds) for ds in datasets)] if f]
     unused = (f" {len(skipped)} line(s) not used: " + "; ".join(skipped[:10])  # the first 10 named
               + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "") + ".") if skipped else ""
     head = (f"# lcconv: our results beside the paper's\n\nEach cell: mean ± std over seeds (number of seeds), one "

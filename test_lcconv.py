@@ -1,4 +1,5 @@
 """Tests for lcconv.py (the layer, models, analysis) and train.py / experiments.sh (CPU only)."""
+import collections
 import copy
 import importlib.machinery
 import importlib.util
@@ -953,7 +954,9 @@ def test_benchmark_table_has_paired_ratios_and_flags_a_noisy_row():
 # one results file per training setting, reports, skips finished runs and survives a failing one; the report reads
 # every line it can of every results file, one run a seed, one part per setting
 
-GROUPS = ["table1", "expansion", "width", "depth", "kernel", "ablation", "offtheshelf", "mechanism", "recipe", "length"]
+GROUPS = ["table1", "expansion", "expansion15", "width", "depth", "kernel", "ablation", "offtheshelf", "mechanism",
+          "recipe", "quick", "length"]
+OWN_SCHEDULES = {"recipe": (75, 5, 15), "expansion15": (15,), "quick": (3,)}  # on all images; the rest: EPOCHS
 CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}  # the caller's SEEDS etc. stay out
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the report's plots need it; the rest does not
 
@@ -1041,7 +1044,7 @@ def test_list_prints_valid_train_commands_for_every_group(sweep, capsys, group, 
         assert (program, script) == ("python", "train.py")
         args = train.parse_args(argv)  # exits on any flag train.py would reject
         assert args.skip_finished and args.seed in (0, 1, 2, 3)
-        assert args.epochs == 75 or (group == "recipe" and args.epochs in (5, 15))  # its schedules
+        assert args.epochs in OWN_SCHEDULES.get(group, (75,))
         assert args.out == f"results/{args.dataset}-{args.epochs}ep.jsonl"  # one results file per setting
         configs.add(json.dumps(train.recipe(args), sort_keys=True))
         names.add(args.checkpoint)
@@ -1056,13 +1059,27 @@ def test_list_default_quick_and_recipe(sweep, capsys):
                             if k not in ("out", "checkpoint")}) for c in commands]
     assert len(set(configs(everything.stdout.splitlines()))) == len(everything.stdout.splitlines())  # each once
     assert set(configs(everything.stdout.splitlines())) == set(configs(sum((listed(sweep, capsys, g) for g in GROUPS), [])))
-    quick = listed(sweep, capsys, QUICK="1")
-    assert quick == list(dict.fromkeys(sum((listed(sweep, capsys, g, QUICK="1")  # shared configs are written alike
-                                            for g in ["table1", "expansion", "mechanism"]), [])))
+    # QUICK: Table 1's Fashion-MNIST row at 3 epochs on all images, whatever EPOCHS says; the named groups at 100 steps
+    quick = listed(sweep, capsys, QUICK="1", EPOCHS="1")
+    assert quick == listed(sweep, capsys, "quick", QUICK="1") and all(
+        "--out results-quick/fashionmnist-3ep.jsonl" in c for c in quick)
+    assert [(a.dataset, a.epochs, a.train_subset, a.seed, a.expansion, a.frozen) for a in map(
+        train.parse_args, (c.split()[2:] for c in quick))] == [
+        ("fashionmnist", 3, None, 0, 0, False), ("fashionmnist", 3, None, 0, 128, True),
+        ("fashionmnist", 3, None, 0, 128, False)]
+    short = listed(sweep, capsys, "expansion", "mechanism", QUICK="1")
     assert all("--dataset fashionmnist" in c and "--seed 0 --epochs 5 --train-subset 5000" in c
-               and "--out results-quick/fashionmnist-5ep-5000.jsonl" in c for c in quick)
+               and "--out results-quick/fashionmnist-5ep-5000.jsonl" in c for c in short)
     length = [train.parse_args(c.split()[2:]) for c in listed(sweep, capsys, "length", QUICK="1", SEEDS="0 1 2")]
     assert len(length) == 15 and {(a.epochs, a.train_subset) for a in length} == {(5, 5000)}  # QUICK: 100 steps
+    # expansion15: Fig. 4 at 15 epochs on all images, seed by seed, each config once
+    sweep15 = [train.parse_args(c.split()[2:]) for c in listed(sweep, capsys, "expansion15", SEEDS="0 1", EPOCHS="3")]
+    assert [a.seed for a in sweep15] == [0] * 26 + [1] * 26 and {(a.epochs, a.train_subset) for a in sweep15} == {(15, None)}
+    kinds = collections.Counter((a.frozen, a.preconditioned, bool(a.lc_init)) for a in sweep15[:26])
+    assert kinds == {(False, False, False): 9, (True, False, False): 10, (True, True, False): 2, (False, False, True): 5}
+    assert sorted(a.expansion for a in sweep15[:26] if a.frozen) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 8192]
+    assert max(a.expansion for a in sweep15 if not a.frozen) == 128  # learnable x256, x512: too large for a CPU
+    assert [a.lc_init for a in sweep15[:26] if a.lc_init] == [8, 32, 128, 512, 2048]
     # recipe: its own schedules on all images, whatever EPOCHS and TRAIN_SUBSET say; DATASETS still filters
     recipe = [train.parse_args(c.split()[2:])
               for c in listed(sweep, capsys, "recipe", SEEDS="0", EPOCHS="3", TRAIN_SUBSET="5000")]
@@ -1157,6 +1174,17 @@ def test_a_failing_report_in_a_sweep_is_one_line_and_the_later_groups_still_run(
     assert err.count("\n") == 2 and err.count("the report failed") == 2 and "KeyError" in err, err
 
 
+def test_a_sweep_skips_a_run_whose_seed_has_a_line_in_the_other_precision(sweep, capsys, tmp_path, monkeypatch):
+    """As the report counts it: a seed's run in fp32 is that seed's run, for a sweep on a machine that trains bf16."""
+    env = dict(CLEAN_ENV, QUICK="1", RESULTS=str(tmp_path), TRAIN_ARGS="--precision bf16")
+    baseline, *rest = listed(sweep, capsys, "quick", **env)
+    report_of(sweep, tmp_path, [made_up(baseline, 90.0)])  # its line says fp32
+    ran = []
+    monkeypatch.setattr(sweep, "run_one", lambda run, s: ran.append(run.argv) or True)  # trains nothing
+    assert sweep.main([], env) == 0
+    assert ran == [shlex.split(c)[2:] for c in rest]
+
+
 def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_path):
     """Made-up results of every group, two seeds, each line written twice, some without the newer keys: every table
     shows, and its cells are the mean ± std of exactly its runs."""
@@ -1168,12 +1196,22 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
         lines += [(path, r)] * 2
     report = report_of(sweep, tmp_path, lines)
     learnable, frozen, part = summary([80.0, 81.0]), summary([82.0, 83.0]), "75 epoch(s) on the full training set"
+    fgsm, gain = summary([70.0, 71.0]), summary([2.0, 2.0], "+")
     assert table(report, "Table 1:", part)["cifar10"] == {
         "dataset": "cifar10", "baseline": learnable, "paper": "91.60 ± 0.23", "LC learnable": learnable,
-        "paper 2": "91.39 ± 0.29", "LC frozen": frozen, "paper 3": "91.89 ± 0.10"}
-    fig4 = table(report, "Fig. 4 and 5", part)
+        "paper 2": "91.39 ± 0.29", "LC frozen": frozen, "paper 3": "91.89 ± 0.10", "gain, LC learnable":
+        summary([0.0, 0.0], "+"), "gain, LC frozen": gain, "FGSM baseline": fgsm, "FGSM LC learnable": fgsm,
+        "FGSM LC frozen": summary([72.0, 73.0])}
+    fig4 = table(report, "Fig. 4:", part)
     assert fig4["512"]["test acc, frozen"] == frozen and fig4["0"]["test acc, learnable"] == learnable
-    assert fig4["512"]["FGSM, frozen"] == summary([72.0, 73.0]) and fig4["2"]["params, learnable"] == "1,000 ± 0 (2)"
+    assert fig4["512"]["FGSM, frozen"] == summary([72.0, 73.0]) and fig4["512"]["gain, frozen"] == gain
+    assert fig4["64"]["frozen − learnable"] == gain and fig4["8192"]["test acc, preconditioned"] == frozen
+    assert table(report, "Fig. 5:", part)["2"]["params, learnable"] == "1,000 ± 0 (2)"
+    # at 15 epochs on Fashion-MNIST, the preconditioned form and --lc-init E beside the block
+    fig4 = table(report, "Fig. 4:", "15 epoch(s) on the full training set")
+    assert fig4["8192"]["test acc, preconditioned"] == frozen and fig4["2048"]["FGSM, preconditioned"] == summary([72.0, 73.0])
+    assert fig4["2048"]["test acc, --lc-init"] == fig4["8"]["test acc, --lc-init"] == learnable
+    assert fig4["2048"]["test acc, frozen"] == fig4["256"]["test acc, learnable"] == "—"  # not run: too slow
     for title, row in [("Fig. 6a", "256"), ("Fig. 6b", "260"), ("Fig. 8a", "9, frozen")]:
         assert set(table(report, title, part)[row].values()) >= {frozen}, title
     table3 = table(report, "Table 3", part)["bn_relu"]  # learnable, then frozen, each with the paper's beside
@@ -1188,11 +1226,11 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
     assert basis["128, folded"]["rank/d, smallest"] == "0.50 ± 0.00 (2)"
     assert basis["128, preconditioned"]["α, largest"] == "25.00 ± 0.00 (2)"
     length = table(report, "The length axis on fashionmnist", "across training lengths")
-    assert [row["SGD steps"] for row in length.values()] == ["1,175", "3,525", "17,625"]  # 5, 15, 75 epochs
+    assert [row["SGD steps"] for row in length.values()] == ["705", "1,175", "3,525", "17,625"]  # 3 ... 75 epochs
     assert all(row["gain, frozen LC x128"] == summary([2.0, 2.0], "+") for row in length.values())
     assert "(4)" not in report  # each run once
-    assert ("(plots/expansion_cifar10.png)" in report) == (tmp_path / "plots" / "expansion_cifar10.png").exists() \
-        == HAS_MATPLOTLIB
+    for name in ("expansion_cifar10-75ep", "expansion_fashionmnist-15ep"):  # one Fig. 4 a setting
+        assert (f"(plots/{name}.png)" in report) == (tmp_path / "plots" / f"{name}.png").exists() == HAS_MATPLOTLIB
 
 
 def test_report_skips_and_counts_the_lines_it_cannot_use_in_any_file(sweep, capsys, tmp_path):
@@ -1224,10 +1262,11 @@ def test_report_skips_and_counts_the_lines_it_cannot_use_in_any_file(sweep, caps
 
 
 def test_a_seed_counts_once_fp32_where_it_has_both_precisions_and_gains_pair_by_seed(sweep, capsys, tmp_path):
-    commands = listed(sweep, capsys, "recipe", SEEDS="0 1 2", RESULTS=str(tmp_path))  # 75 epochs: baseline, frozen
-    (path, fp32), (_, seed1), (_, bf16) = [made_up(c, acc) for c, acc in zip(commands, (93.0, 94.0, 95.0))]
+    commands = [c for c in listed(sweep, capsys, "recipe", SEEDS="0 1 2", RESULTS=str(tmp_path)) if "--epochs 75" in c]
+    baselines = [c for c in commands if "--expansion" not in c and "--lc-init" not in c]  # seeds 0, 1, 2
+    (path, fp32), (_, seed1), (_, bf16) = [made_up(c, acc) for c, acc in zip(baselines, (93.0, 94.0, 95.0))]
     old = dict({k: v for k, v in fp32.items() if k != "precision"}, device="cpu")  # from before --precision: fp32
-    frozen = made_up(commands[3], 93.5, first_filters=[[[[0.3, -0.3]]]])  # seed 0 only
+    frozen = made_up(next(c for c in commands if "--frozen" in c), 93.5, first_filters=[[[[0.3, -0.3]]]])  # seed 0
     report = report_of(sweep, tmp_path, [(path, dict(fp32, precision="bf16", test_acc=90.0)), (path, old), frozen,
                                          (path, dict(seed1, precision="bf16")), (path, dict(bf16, device="NVIDIA H100"))])
     assert table(report, "Table 1:", "75 epoch(s)")["fashionmnist"]["baseline"] == summary([93.0, 94.0, 95.0])
@@ -1264,7 +1303,8 @@ def test_every_committed_run_is_finished_by_its_own_listed_command_and_in_the_re
     """Each line of results/*.jsonl: its command from `experiments.sh --list` (the recipe group's, or QUICK's with
     RESULTS=results), given the line's precision, says it is finished and writes nothing; the report uses each."""
     commands = {}
-    for groups, env in [(["recipe"], dict(SEEDS="0 1 2 3")), (["table1", "expansion", "mechanism", "length"],
+    for groups, env in [(["recipe", "expansion15", "quick"], dict(SEEDS="0 1 2 3")),
+                        (["table1", "expansion", "mechanism", "length"],
                                                                 dict(QUICK="1", SEEDS="0 1 2", RESULTS="results"))]:
         for command in listed(sweep, capsys, *groups, **env):
             argv = shlex.split(command)[2:]
