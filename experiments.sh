@@ -325,7 +325,7 @@ def recipe_runs(s):  # its own schedules on all 60,000 images: EPOCHS and TRAIN_
 
 @group("quick", "what QUICK=1 runs: Table 1's Fashion-MNIST row at 3 epochs on all 60,000 images", TABLE1,
        LENGTH_FASHIONMNIST)
-def quick_runs(s):  # its own schedule: long enough that frozen LC's FGSM lead stands above seed noise
+def quick_runs(s):  # its own schedule, on all images: about 10 minutes on a 2-core CPU with native bf16
     for kind in [[], ["--expansion", 128, "--frozen"], ["--expansion", 128]]:
         yield flags("--dataset", "fashionmnist", "--epochs", 3, *kind)
 
