@@ -372,14 +372,16 @@ def runs_of(groups, s):
     return list(runs.values())
 
 
+def seed_run(config):  # a config less its precision: the report counts one run a seed, and so does a sweep
+    return json.dumps({**train.recipe(config), "precision": None}, sort_keys=True)
+
+
 def unfinished(runs):
     """(run, its arguments) for the runs without a usable line of their config in their results file, in either
-    precision, as the report counts them (a bad SEEDS, EPOCHS or TRAIN_ARGS: one line, exit 2); train.py's
-    --skip-finished asks again, for its own precision, for a second sweep on the same RESULTS."""
-    def key(config):
-        return json.dumps({**train.recipe(config), "precision": None}, sort_keys=True)
-    done = {key(line) for out in {run.out for run in runs} for _, line in train.read_lines(out) if not train.unusable(line)}
-    return [(run, args) for run in runs if key(args := train.parse_args(run.argv)) not in done]
+    precision (a bad SEEDS, EPOCHS or TRAIN_ARGS: one line, exit 2); train.py's --skip-finished asks again, for
+    its own precision, for a second sweep on the same RESULTS."""
+    done = {seed_run(line) for out in {run.out for run in runs} for _, line in train.read_lines(out) if not train.unusable(line)}
+    return [(run, args) for run in runs if seed_run(args := train.parse_args(run.argv)) not in done]
 
 
 # -----------------------------------------------------------------------------
@@ -466,7 +468,7 @@ def load_results(folder):
                 lines.append({**r, **train.recipe(r), **metrics(r)})
     runs = {}
     for r in sorted(lines, key=lambda r: r["precision"] != "fp32"):
-        runs.setdefault(json.dumps({**train.recipe(r), "precision": None}, sort_keys=True), r)
+        runs.setdefault(seed_run(r), r)
     return list(runs.values()), lines, skipped, files
 
 
