@@ -933,12 +933,13 @@ def test_old_result_lines_match_with_the_new_flags_at_their_defaults(tmp_path, e
 def test_benchmark_table_has_paired_ratios_and_flags_a_noisy_row():
     """Per round, the baseline; the preconditioned x128 row a steady 1.02x, bf16 half its fp32; the two-conv row
     2x to 3x (noisy). In round 3 a neighbour slows the fp32 baseline 5x: no row is flagged for it."""
-    times, memory = {}, {("—", 0): 100.0, ("preconditioned", 128): 110.0, ("two convs", 8): 300.0,
-                         ("one conv (folded)", 512): 9999.0}  # the last one out of memory: no times
+    times, memory = {}, {("—", 0, False): 100.0, ("preconditioned", 128, True): 110.0, ("two convs", 8, True): 300.0,
+                         ("one conv (folded)", 512, False): 9999.0}  # the last one out of memory: no times
     for base, two in [(100, 200), (100, 300), (500, 200), (100, 300), (100, 250)]:
-        for key, ms in [(("—", 0, "fp32"), base), (("—", 0, "bf16"), 50.0), (("preconditioned", 128, "fp32"), 1.02 * base),
-                        (("preconditioned", 128, "bf16"), 51.0), (("two convs", 8, "fp32"), two),
-                        (("two convs", 8, "bf16"), two / 2)]:
+        for key, ms in [(("—", 0, False, "fp32"), base), (("—", 0, False, "bf16"), 50.0),
+                        (("preconditioned", 128, True, "fp32"), 1.02 * base),
+                        (("preconditioned", 128, True, "bf16"), 51.0), (("two convs", 8, True, "fp32"), two),
+                        (("two convs", 8, True, "bf16"), two / 2)]:
             times.setdefault(key, []).append(ms)
     table = train.bench_table(times, memory, ("fp32", "bf16"))
     rows = {tuple(line.split(" | ")[1:3]): line.split(" | ") for line in table.splitlines() if line.startswith("| LC-")}
@@ -946,7 +947,23 @@ def test_benchmark_table_has_paired_ratios_and_flags_a_noisy_row():
     assert rows["preconditioned", "bf16"][4:6] == ["1.02 [1.02–1.02]", "0.50 [0.50–0.50]"]
     assert rows["two convs", "fp32"][4] == "2.50 [2.00–3.00] (noisy)" and rows["two convs", "fp32"][6] == "300"
     assert rows["one conv (folded)", "bf16"][3] == "out of memory" and len(rows) == 6  # the baseline's rows aside
+    assert [line.split(" | ")[0] for line in table.splitlines() if "| one conv" in line] == ["| LC-x512 learnable"] * 2
     assert "2 ratio(s) spread" in table and "Do not trust them" in table
+
+
+def test_the_benchmark_times_the_models_that_training_builds():
+    """The baseline and learnable rows learn their filters (the baseline once had them frozen); the frozen rows
+    learn only the 1×1 weights, BN and the classifier; the two-conv row runs the block as drawn."""
+    for path, e, frozen in [row for row in train.BENCH_ROWS if row[1] <= 8]:
+        model, _, x, _ = train.bench_step(path, e, frozen, 4, torch.device("cpu"))
+        learnable, total = lcconv.count_parameters(model)
+        assert (learnable < total) == frozen, (path, e)
+        net = train.build_net(train.parse_args(["--expansion", str(e)] + ["--frozen"] * frozen))
+        assert lcconv.count_parameters(net) == (learnable, total)
+        blocks = [m for m in model.modules() if isinstance(m, lcconv.LCConv2d)]
+        assert all(("forward" in vars(b)) == (path == "two convs") for b in blocks) and bool(blocks) == bool(e)
+    assert {(e, frozen) for _, e, frozen in train.BENCH_ROWS if not frozen} == {(0, False), (128, False),
+                                                                                   (256, False), (512, False)}
 
 
 # -----------------------------------------------------------------------------
@@ -1277,6 +1294,24 @@ def test_a_seed_counts_once_fp32_where_it_has_both_precisions_and_gains_pair_by_
     assert [(row[2], row[3], row[4], row[7]) for row in provenance(report)] == [
         ("baseline", "0", "bf16", "90.00"), ("baseline", "0", "fp32", "93.00"), ("baseline", "1", "bf16", "94.00"),
         ("baseline", "2", "fp32", "95.00"), ("expansion 128, frozen", "0", "fp32", "93.50")]
+
+
+def test_table1_within_bf16_pairs_bf16_runs_only_and_is_left_out_where_every_run_is_bf16(sweep, capsys, tmp_path):
+    recipe = [c for c in listed(sweep, capsys, "recipe", SEEDS="0 1", RESULTS=str(tmp_path)) if "--epochs 75" in c]
+    baseline = [c for c in recipe if "--expansion" not in c and "--lc-init" not in c]
+    frozen = [c for c in recipe if "--frozen" in c]
+    bf16 = dict(precision="bf16")
+    lines = [made_up(baseline[0], 93.0), made_up(baseline[0], 92.0, **bf16), made_up(baseline[1], 94.0, **bf16),
+             made_up(frozen[0], 93.5), made_up(frozen[1], 95.0, **bf16)]
+    quick = listed(sweep, capsys, "quick", SEEDS="0", RESULTS=str(tmp_path))
+    report = report_of(sweep, tmp_path, lines + [made_up(c, 90.0, **bf16) for c in quick])
+    mixed, within = table(report, "Table 1:", "75 epoch(s)"), table(report, "Table 1 within bf16", "75 epoch(s)")
+    assert mixed["fashionmnist"]["baseline"] == summary([93.0, 94.0])  # fp32 where a seed has both
+    assert mixed["fashionmnist"]["gain, LC frozen"] == summary([0.5, 1.0], "+")  # seed 0 pairs fp32 with fp32
+    assert within["fashionmnist"]["baseline"] == summary([92.0, 94.0]) and "paper" not in within["fashionmnist"]
+    assert within["fashionmnist"]["LC frozen"] == "95.00 (1)" and within["fashionmnist"]["gain, LC frozen"] == "+1.00 (1)"
+    assert table(report, "Table 1:", "3 epoch(s)")["fashionmnist"]["baseline"] == "90.00 (1)"
+    assert report.count("## Table 1 within bf16") == 1  # not at 3 epochs, where it would repeat Table 1
 
 
 @pytest.mark.parametrize("flag, other", [(dict(type=float, default=0.0), 1.0), (dict(type=int, metavar="E"), 64)])

@@ -604,18 +604,19 @@ def run(args, config, device):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: a training step of frozen ResNet-LC-20-16xE as one conv (folded), as two convs (the paper's block
-# as drawn) and as the preconditioned conv, against the plain ResNet-20-16 ("—")
+# Benchmark: a training step of ResNet-LC-20-16xE, frozen as one conv (folded), as two convs (the paper's block
+# as drawn) and as the preconditioned conv, and learnable (folded), against the plain ResNet-20-16 ("—")
 
-BENCH_ROWS = [("—", 0)] + [(path, e) for path, es in [("one conv (folded)", (1, 128, 512)), ("two convs", (8,)),
-                                                        ("preconditioned", (128, 8192))] for e in es]
+BENCH_ROWS = ([("—", 0, False)] + [(path, e, True) for path, es in [("one conv (folded)", (1, 128, 512)),
+                                                                    ("two convs", (8,)), ("preconditioned", (128, 8192))]
+                                   for e in es] + [("one conv (folded)", e, False) for e in (128, 256, 512)])
 
 
-def bench_step(path, expansion, batch_size, device):
-    """(model, optimizer, x, y) of one benchmark row: the arguments of train_step."""
+def bench_step(path, expansion, frozen, batch_size, device):
+    """(model, optimizer, x, y) of one benchmark row: the arguments of train_step, its model as training builds it."""
     torch.manual_seed(0)
-    form = "preconditioned" if path == "preconditioned" else "block"
-    model = to_device(lcconv.convert(lcconv.resnet(), expansion, frozen=True, form=form), device)
+    flags = f"--expansion {expansion}" + " --frozen" * frozen + " --preconditioned" * (path == "preconditioned")
+    model = to_device(build_net(parse_args(flags.split())), device)
     for block in model.modules():
         if path == "two convs" and isinstance(block, lcconv.LCConv2d):
             block.forward = block.two_convs
@@ -633,26 +634,26 @@ def benchmark(batch_size, device):
         ctypes.CDLL(None).mallopt(-3, 65536)  # glibc's M_MMAP_THRESHOLD
     resident = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
     for precision in precisions:  # once untimed and unmeasured: the libraries' first-use set-up
-        train_step(*bench_step("—", 0, batch_size, device), 0.1, precision)
+        train_step(*bench_step(*BENCH_ROWS[0], batch_size, device), 0.1, precision)
     steps, memory = {}, {}
-    for path, e in BENCH_ROWS:
+    for row in BENCH_ROWS:
         torch.cuda.reset_peak_memory_stats() if cuda else Path("/proc/self/clear_refs").write_text("5")
         start = torch.cuda.memory_allocated() / 2**20 if cuda else resident("VmRSS:")
         try:
-            steps[path, e] = bench_step(path, e, batch_size, device)
+            steps[row] = bench_step(*row, batch_size, device)
             for precision in precisions * 3:
-                train_step(*steps[path, e], 0.1, precision)
+                train_step(*steps[row], 0.1, precision)
         except (RuntimeError, MemoryError):  # out of memory
-            steps.pop((path, e), None)
-        memory[path, e] = (torch.cuda.max_memory_allocated() / 2**20 if cuda else resident("VmHWM:")) - start
-    times, rounds = {(path, e, p): [] for path, e in steps for p in precisions}, 5 if cuda else 7
+            steps.pop(row, None)
+        memory[row] = (torch.cuda.max_memory_allocated() / 2**20 if cuda else resident("VmHWM:")) - start
+    times, rounds = {(*row, p): [] for row in steps for p in precisions}, 5 if cuda else 7
     for _ in tqdm(range(rounds), "benchmark rounds", disable=None, file=sys.stderr):
-        for (path, e, precision), t in times.items():
-            train_step(*steps[path, e], 0.1, precision)
+        for (*row, precision), t in times.items():
+            train_step(*steps[tuple(row)], 0.1, precision)
             sync()
             start, n = time.perf_counter(), 0
             while n < 2 or time.perf_counter() - start < (1.0 if cuda else 3.0):
-                train_step(*steps[path, e], 0.1, precision)
+                train_step(*steps[tuple(row)], 0.1, precision)
                 sync()
                 n += 1
             t.append((time.perf_counter() - start) / n * 1000)
@@ -662,19 +663,20 @@ def benchmark(batch_size, device):
 
 
 def bench_table(times, memory, precisions):
-    """The table of {(path, E, precision): ms a round} and {(path, E): peak MB, its model out of memory if it has
-    no times}; a ratio whose interquartile range exceeds 10% of it is flagged (noisy)."""
+    """The table of {(path, E, frozen, precision): ms a round} and {(path, E, frozen): peak MB, its model out of
+    memory if it has no times}; a ratio whose interquartile range exceeds 10% of it is flagged (noisy)."""
     def ratio(a, b):
         low, r, high = statistics.quantiles([x / y for x, y in zip(a, b)], n=4, method="inclusive")
         return f"{r:.2f} [{low:.2f}–{high:.2f}]" + " (noisy)" * (high - low > 0.1 * r)
+    baseline = BENCH_ROWS[0]
     lines = ["| model | LC path | precision | ms/step | × baseline | × fp32 | peak MB | × baseline |", "|---" * 8 + "|"]
-    for (path, e), mb in memory.items():
-        name = f"LC-x{e} frozen" if e else "ResNet-20-16"
-        for precision, t in [(p, times.get((path, e, p))) for p in precisions]:
-            fp32 = ratio(t, times[path, e, "fp32"]) if t and precision != "fp32" else "—"
+    for (path, e, frozen), mb in memory.items():
+        name = f"LC-x{e} {'frozen' if frozen else 'learnable'}" if e else "ResNet-20-16"
+        for precision, t in [(p, times.get((path, e, frozen, p))) for p in precisions]:
+            fp32 = ratio(t, times[path, e, frozen, "fp32"]) if t and precision != "fp32" else "—"
             lines.append(f"| {name} | {path} | {precision} | out of memory | | | | |" if not t else
                          f"| {name} | {path} | {precision} | {statistics.median(t):.1f} | "
-                         f"{ratio(t, times['—', 0, precision])} | {fp32} | {mb:.0f} | {mb / memory['—', 0]:.2f} |")
+                         f"{ratio(t, times[(*baseline, precision)])} | {fp32} | {mb:.0f} | {mb / memory[baseline]:.2f} |")
     noisy = sum(line.count("(noisy)") for line in lines)
     return "\n".join(lines + [f"\n{noisy} ratio(s) spread by more than 10% over the rounds: the machine was "
                               "busy. Do not trust them; rerun on a quiet machine."] * bool(noisy))
