@@ -507,8 +507,10 @@ def evaluate(table, find, context):
         for name, column in table.columns.items():
             values = {r["seed"]: r[column.metric] for r in find(keys, column.config) if r[column.metric] is not None}
             f = FORMATS.get(column.metric, "{:.2f}").format
-            if column.minus is not None:  # paired by seed: the difference on the seeds both have
-                others = {r["seed"]: r[column.metric] for r in find(keys, column.minus) if r[column.metric] is not None}
+            if column.minus is not None:  # paired by seed: the difference on the seeds both have; none from itself
+                base = find(keys, column.minus)
+                others = {r["seed"]: r[column.metric] for r in base if r[column.metric] is not None
+                          and base != find(keys, column.config)}
                 values = {seed: v - others[seed] for seed, v in values.items() if seed in others}
             values = list(values.values())
             mean = statistics.mean(values) if values else None

@@ -1221,6 +1221,7 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
         "FGSM LC frozen": summary([72.0, 73.0])}
     fig4 = table(report, "Fig. 4:", part)
     assert fig4["512"]["test acc, frozen"] == frozen and fig4["0"]["test acc, learnable"] == learnable
+    assert fig4["0"]["gain, learnable"] == "—"  # the baseline over itself
     assert fig4["512"]["FGSM, frozen"] == summary([72.0, 73.0]) and fig4["512"]["gain, frozen"] == gain
     assert fig4["64"]["frozen − learnable"] == gain and fig4["8192"]["test acc, preconditioned"] == frozen
     assert table(report, "Fig. 5:", part)["2"]["params, learnable"] == "1,000 ± 0 (2)"
