@@ -509,8 +509,8 @@ def evaluate(table, find, context):
             f = FORMATS.get(column.metric, "{:.2f}").format
             if column.minus is not None:  # paired by seed: the difference on the seeds both have; none from itself
                 base = find(keys, column.minus)
-                others = {r["seed"]: r[column.metric] for r in base if r[column.metric] is not None
-                          and base != find(keys, column.config)}
+                others = {} if base == find(keys, column.config) else {
+                    r["seed"]: r[column.metric] for r in base if r[column.metric] is not None}
                 values = {seed: v - others[seed] for seed, v in values.items() if seed in others}
             values = list(values.values())
             mean = statistics.mean(values) if values else None
