@@ -164,11 +164,12 @@ TABLE1 = Table(
     {ds: dict(dataset=ds) for ds in PAPER_TABLE1},
     {"baseline": Column({}), "LC learnable": Column(LC_128), "LC frozen": Column(FROZEN_128),
      "gain, LC learnable": Column(LC_128, minus={}), "gain, LC frozen": Column(FROZEN_128, minus={}),
+     "frozen − learnable": Column(FROZEN_128, minus=LC_128),
      **{f"FGSM {label}": Column(config, "fgsm_acc") for label, config in [
          ("baseline", {}), ("LC learnable", LC_128), ("LC frozen", FROZEN_128)]}}, min_rows=1,
     paper={ds: dict(zip(("baseline", "LC learnable", "LC frozen"), p)) for ds, p in PAPER_TABLE1.items()},
     found="Paper (4 seeds): frozen LC x128 beats learnable LC x128 everywhere, at most 0.02 below the baseline. Gains: "
-          "over the same seed's baseline.")
+          "over the same seed's baseline; frozen − learnable: paired by seed too.")
 TABLE1_BF16 = replace(  # shown where it differs from TABLE1: where that one pairs across precisions
     TABLE1, title="Table 1 within bf16: every run and gain in one precision", paper={}, precision="bf16",
     found="A seed whose run is in fp32 only stays out; gains pair bf16 with bf16.")

@@ -1217,8 +1217,8 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
     assert table(report, "Table 1:", part)["cifar10"] == {
         "dataset": "cifar10", "baseline": learnable, "paper": "91.60 ± 0.23", "LC learnable": learnable,
         "paper 2": "91.39 ± 0.29", "LC frozen": frozen, "paper 3": "91.89 ± 0.10", "gain, LC learnable":
-        summary([0.0, 0.0], "+"), "gain, LC frozen": gain, "FGSM baseline": fgsm, "FGSM LC learnable": fgsm,
-        "FGSM LC frozen": summary([72.0, 73.0])}
+        summary([0.0, 0.0], "+"), "gain, LC frozen": gain, "frozen − learnable": gain, "FGSM baseline": fgsm,
+        "FGSM LC learnable": fgsm, "FGSM LC frozen": summary([72.0, 73.0])}
     fig4 = table(report, "Fig. 4:", part)
     assert fig4["512"]["test acc, frozen"] == frozen and fig4["0"]["test acc, learnable"] == learnable
     assert fig4["0"]["gain, learnable"] == "—"  # the baseline over itself
