@@ -1301,14 +1301,17 @@ def test_table1_within_bf16_pairs_bf16_runs_only_and_is_left_out_where_every_run
     recipe = [c for c in listed(sweep, capsys, "recipe", SEEDS="0 1", RESULTS=str(tmp_path)) if "--epochs 75" in c]
     baseline = [c for c in recipe if "--expansion" not in c and "--lc-init" not in c]
     frozen = [c for c in recipe if "--frozen" in c]
+    learnable = [c for c in recipe if "--expansion 128" in c and "--frozen" not in c]
     bf16 = dict(precision="bf16")
     lines = [made_up(baseline[0], 93.0), made_up(baseline[0], 92.0, **bf16), made_up(baseline[1], 94.0, **bf16),
-             made_up(frozen[0], 93.5), made_up(frozen[1], 95.0, **bf16)]
+             made_up(frozen[0], 93.5), made_up(frozen[1], 95.0, **bf16),
+             made_up(learnable[0], 93.25, **bf16), made_up(learnable[1], 94.75, **bf16)]
     quick = listed(sweep, capsys, "quick", SEEDS="0", RESULTS=str(tmp_path))
     report = report_of(sweep, tmp_path, lines + [made_up(c, 90.0, **bf16) for c in quick])
     mixed, within = table(report, "Table 1:", "75 epoch(s)"), table(report, "Table 1 within bf16", "75 epoch(s)")
     assert mixed["fashionmnist"]["baseline"] == summary([93.0, 94.0])  # fp32 where a seed has both
     assert mixed["fashionmnist"]["gain, LC frozen"] == summary([0.5, 1.0], "+")  # seed 0 pairs fp32 with fp32
+    assert mixed["fashionmnist"]["frozen − learnable"] == summary([0.25, 0.25], "+")  # paired with learnable LC
     assert within["fashionmnist"]["baseline"] == summary([92.0, 94.0]) and "paper" not in within["fashionmnist"]
     assert within["fashionmnist"]["LC frozen"] == "95.00 (1)" and within["fashionmnist"]["gain, LC frozen"] == "+1.00 (1)"
     assert table(report, "Table 1:", "3 epoch(s)")["fashionmnist"]["baseline"] == "90.00 (1)"
