@@ -194,6 +194,9 @@ FIG4 = Table(
     "E; (b) frozen LC above learnable from E = 8 and above the baseline at E = 128, then declining slightly; (c) frozen "
     "LC's FGSM accuracy rising with E, above both. Beyond the paper: *preconditioned* is frozen LC trained as one "
     "conv, *--lc-init* its large-E limit under BatchNorm.")
+FIG4_BF16 = replace(  # shown, and drawn instead of FIG4, where it differs: where a seed's curve mixes precisions
+    FIG4, title="Fig. 4 within bf16: every run and gain in one precision", precision="bf16",
+    found="A seed whose run is in fp32 only stays out; gains pair bf16 with bf16.")
 FIG5 = Table(
     "Fig. 5: ResNet-LC-20-16xE, learnable parameters and FVE of the first and last spatial layer", "E (0: no LC)",
     {e: dict(expansion=e) for e in (0, *EXPANSIONS)},
@@ -203,7 +206,7 @@ FIG5 = Table(
     found="Paper (CIFAR-10): (d) frozen LC's FVE stays above the baseline's and learnable LC's.")
 
 
-@group("expansion", "Fig. 4 (accuracy, FGSM) and Fig. 5 (params, FVE): E = 1 ... 512", FIG4, FIG5)
+@group("expansion", "Fig. 4 (accuracy, FGSM) and Fig. 5 (params, FVE): E = 1 ... 512", FIG4, FIG4_BF16, FIG5)
 def expansion_runs(s):
     yield flags("--dataset", s.main)
     for e in (1, 4, 16, 64, 128) if s.quick else EXPANSIONS:
@@ -701,7 +704,7 @@ def write_report(folder):
                                     for s, _ in settings),
                                   ("across training lengths (the rest of the setting the paper's)",
                                    {k: train.PARSER.get_default(k) for k in SETTING}, True)]:
-        sections = []
+        sections, plots = [], {}  # (plot, dataset) -> the last table shown with it: within one precision, if shown
         for table in (t for t in TABLES if t.spans == spans):
             fixed = "dataset" in table.base or any("dataset" in row for row in table.rows.values())
             for ds in [None] if fixed else datasets:
@@ -710,7 +713,9 @@ def write_report(folder):
                     continue  # every run of it is in that precision already
                 sections += [text] if (text := render(table, rows, ds)) else []
                 if text and table.plot:
-                    figures.append((expansion_figure if table.plot == "expansion" else length_figure)(folder, rows, where))
+                    plots[table.plot, ds] = rows, where + (f", {table.precision} runs only" if table.precision else "")
+        figures += [(expansion_figure if plot == "expansion" else length_figure)(folder, *drawn)
+                    for (plot, _), drawn in plots.items()]
         if sections:  # runs no table shows (of another --width, say): no empty heading
             parts.append(f"# Runs {where}\n\n" + "\n".join(sections))
     figures = [f for f in [*figures, *(filters_figure(folder, runs, ds) for ds in datasets)] if f]

@@ -1318,6 +1318,30 @@ def test_table1_within_bf16_pairs_bf16_runs_only_and_is_left_out_where_every_run
     assert report.count("## Table 1 within bf16") == 1  # not at 3 epochs, where it would repeat Table 1
 
 
+def test_fig4_within_bf16_pairs_bf16_runs_only_is_drawn_and_is_left_out_where_every_run_is_bf16(
+        sweep, capsys, tmp_path, monkeypatch):
+    drawn = []  # (the baseline's test accuracy cell, where) of each Fig. 4 drawn
+    monkeypatch.setattr(sweep, "expansion_figure", lambda folder, rows, where: drawn.append(
+        (rows[0][2]["test acc, learnable"].value, where)) or "")
+    sweep15 = listed(sweep, capsys, "expansion15", SEEDS="0", RESULTS=str(tmp_path))
+    baseline = next(c for c in sweep15 if "--expansion" not in c and "--lc-init" not in c)
+    frozen2, frozen8, frozen128 = [next(c for c in sweep15 if f"--expansion {e} --frozen " in c) for e in (2, 8, 128)]
+    bf16 = dict(precision="bf16")
+    lines = [made_up(baseline, 93.0), made_up(baseline, 92.0, **bf16), made_up(frozen2, 91.0, **bf16),
+             made_up(frozen8, 93.5, **bf16), made_up(frozen128, 95.0)]  # frozen x128 in fp32 only
+    quick = listed(sweep, capsys, "expansion", SEEDS="0", QUICK="1", RESULTS=str(tmp_path))
+    report = report_of(sweep, tmp_path, lines + [made_up(c, 90.0, **bf16) for c in quick])
+    part = "15 epoch(s) on the full training set"
+    mixed, within = table(report, "Fig. 4:", part), table(report, "Fig. 4 within bf16", part)
+    assert (mixed["0"]["test acc, learnable"], mixed["8"]["gain, frozen"]) == ("93.00 (1)", "+0.50 (1)")  # fp32 first
+    assert (within["0"]["test acc, learnable"], within["8"]["gain, frozen"]) == ("92.00 (1)", "+1.50 (1)")
+    assert mixed["128"]["test acc, frozen"] == "95.00 (1)" and "128" not in within  # a row with no number: left out
+    assert report.count("## Fig. 4 within bf16") == 1 and report.count("## Fig. 4:") == 2  # not where all is bf16
+    assert [(value, where.startswith("of 15 epoch(s)"), where.endswith(", bf16 runs only")) for value, where in drawn
+            if value != 90.0] == [(92.0, True, True)]  # one figure for the setting, from the bf16 runs
+    assert [where.endswith("runs only") for value, where in drawn if value == 90.0] == [False]  # all bf16: Fig. 4's
+
+
 @pytest.mark.parametrize("flag, other", [(dict(type=float, default=0.0), 1.0), (dict(type=int, metavar="E"), 64)])
 def test_runs_with_a_flag_added_to_train_py_stay_out_of_the_existing_tables(sweep, capsys, tmp_path, monkeypatch,
                                                                              flag, other):
