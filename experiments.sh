@@ -704,7 +704,7 @@ def write_report(folder):
                                     for s, _ in settings),
                                   ("across training lengths (the rest of the setting the paper's)",
                                    {k: train.PARSER.get_default(k) for k in SETTING}, True)]:
-        sections, plots = [], {}  # (plot, dataset) -> the last table shown with it: within one precision, if shown
+        sections, plots = [], collections.defaultdict(list)  # (plot, dataset) -> [(rows, where)] of its tables
         for table in (t for t in TABLES if t.spans == spans):
             fixed = "dataset" in table.base or any("dataset" in row for row in table.rows.values())
             for ds in [None] if fixed else datasets:
@@ -713,9 +713,11 @@ def write_report(folder):
                     continue  # every run of it is in that precision already
                 sections += [text] if (text := render(table, rows, ds)) else []
                 if text and table.plot:
-                    plots[table.plot, ds] = rows, where + (f", {table.precision} runs only" if table.precision else "")
-        figures += [(expansion_figure if plot == "expansion" else length_figure)(folder, *drawn)
-                    for (plot, _), drawn in plots.items()]
+                    only = f", {table.precision} runs only" if table.precision else ""
+                    plots[table.plot, ds].append((rows, where + only))
+        for (plot, _), shown in plots.items():  # the last that draws: within one precision, if it has a baseline
+            draw = expansion_figure if plot == "expansion" else length_figure
+            figures.append(next((f for rows, where in reversed(shown) if (f := draw(folder, rows, where))), ""))
         if sections:  # runs no table shows (of another --width, say): no empty heading
             parts.append(f"# Runs {where}\n\n" + "\n".join(sections))
     figures = [f for f in [*figures, *(filters_figure(folder, runs, ds) for ds in datasets)] if f]

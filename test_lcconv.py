@@ -1320,15 +1320,16 @@ def test_table1_within_bf16_pairs_bf16_runs_only_and_is_left_out_where_every_run
 
 def test_fig4_within_bf16_pairs_bf16_runs_only_is_drawn_and_is_left_out_where_every_run_is_bf16(
         sweep, capsys, tmp_path, monkeypatch):
-    drawn = []  # (the baseline's test accuracy cell, where) of each Fig. 4 drawn
-    monkeypatch.setattr(sweep, "expansion_figure", lambda folder, rows, where: drawn.append(
-        (rows[0][2]["test acc, learnable"].value, where)) or "")
+    drawn = []  # (the baseline's test accuracy, where) of each Fig. 4 drawn: as expansion_figure, none without it
+    monkeypatch.setattr(sweep, "expansion_figure", lambda folder, rows, where: "" if (
+        baseline := rows[0][2]["test acc, learnable"].value) is None else drawn.append((baseline, where)) or "drawn")
     sweep15 = listed(sweep, capsys, "expansion15", SEEDS="0", RESULTS=str(tmp_path))
     baseline = next(c for c in sweep15 if "--expansion" not in c and "--lc-init" not in c)
-    frozen2, frozen8, frozen128 = [next(c for c in sweep15 if f"--expansion {e} --frozen " in c) for e in (2, 8, 128)]
+    frozen2, frozen4, frozen8, frozen128 = [next(c for c in sweep15 if f"--expansion {e} --frozen " in c)
+                                            for e in (2, 4, 8, 128)]
     bf16 = dict(precision="bf16")
     lines = [made_up(baseline, 93.0), made_up(baseline, 92.0, **bf16), made_up(frozen2, 91.0, **bf16),
-             made_up(frozen8, 93.5, **bf16), made_up(frozen128, 95.0)]  # frozen x128 in fp32 only
+             made_up(frozen4, 91.5, **bf16), made_up(frozen8, 93.5, **bf16), made_up(frozen128, 95.0)]
     quick = listed(sweep, capsys, "expansion", SEEDS="0", QUICK="1", RESULTS=str(tmp_path))
     report = report_of(sweep, tmp_path, lines + [made_up(c, 90.0, **bf16) for c in quick])
     part = "15 epoch(s) on the full training set"
@@ -1340,6 +1341,12 @@ def test_fig4_within_bf16_pairs_bf16_runs_only_is_drawn_and_is_left_out_where_ev
     assert [(value, where.startswith("of 15 epoch(s)"), where.endswith(", bf16 runs only")) for value, where in drawn
             if value != 90.0] == [(92.0, True, True)]  # one figure for the setting, from the bf16 runs
     assert [where.endswith("runs only") for value, where in drawn if value == 90.0] == [False]  # all bf16: Fig. 4's
+    drawn.clear()  # without seed 0's bf16 baseline the bf16 curve has nothing to stand against: Fig. 4's is drawn
+    (tmp_path / "mixed").mkdir()
+    report = report_of(sweep, tmp_path / "mixed", [(tmp_path / "mixed" / Path(path).name, line) for path, line in lines
+                                                   if line["precision"] == "fp32" or line["expansion"]])
+    assert "## Fig. 4 within bf16" in report
+    assert [(value, where.endswith("runs only")) for value, where in drawn] == [(93.0, False)]
 
 
 @pytest.mark.parametrize("flag, other", [(dict(type=float, default=0.0), 1.0), (dict(type=int, metavar="E"), 64)])
