@@ -170,9 +170,9 @@ TABLE1 = Table(
     paper={ds: dict(zip(("baseline", "LC learnable", "LC frozen"), p)) for ds, p in PAPER_TABLE1.items()},
     found="Paper (4 seeds): frozen LC x128 beats learnable LC x128 everywhere, at most 0.02 below the baseline. Gains: "
           "over the same seed's baseline; frozen − learnable: paired by seed too.")
+WITHIN_BF16 = dict(precision="bf16", found="A seed whose run is in fp32 only stays out; gains pair bf16 with bf16.")
 TABLE1_BF16 = replace(  # shown where it differs from TABLE1: where that one pairs across precisions
-    TABLE1, title="Table 1 within bf16: every run and gain in one precision", paper={}, precision="bf16",
-    found="A seed whose run is in fp32 only stays out; gains pair bf16 with bf16.")
+    TABLE1, title="Table 1 within bf16: every run and gain in one precision", paper={}, **WITHIN_BF16)
 group("table1", "Table 1: baseline vs LC x128 learnable vs frozen, four datasets", TABLE1)(
     lambda s: (c for ds in PAPER_TABLE1 for c in [flags("--dataset", ds), *pair("--dataset", ds, "--expansion", 128)]))
 
@@ -195,8 +195,7 @@ FIG4 = Table(
     "LC's FGSM accuracy rising with E, above both. Beyond the paper: *preconditioned* is frozen LC trained as one "
     "conv, *--lc-init* its large-E limit under BatchNorm.")
 FIG4_BF16 = replace(  # shown, and drawn instead of FIG4, where it differs: where a seed's curve mixes precisions
-    FIG4, title="Fig. 4 within bf16: every run and gain in one precision", precision="bf16",
-    found="A seed whose run is in fp32 only stays out; gains pair bf16 with bf16.")
+    FIG4, title="Fig. 4 within bf16: every run and gain in one precision", **WITHIN_BF16)
 FIG5 = Table(
     "Fig. 5: ResNet-LC-20-16xE, learnable parameters and FVE of the first and last spatial layer", "E (0: no LC)",
     {e: dict(expansion=e) for e in (0, *EXPANSIONS)},
