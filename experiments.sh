@@ -189,7 +189,9 @@ FIG4 = Table(
      "gain, frozen": Column(FIG4_KINDS["frozen"], minus=BASELINE),
      "gain, learnable": Column(AS_BLOCK, minus=BASELINE),
      "frozen − learnable": Column(FIG4_KINDS["frozen"], minus=AS_BLOCK),
-     "FGSM gain, frozen": Column(FIG4_KINDS["frozen"], "fgsm_acc", minus=BASELINE)},
+     "FGSM gain, frozen": Column(FIG4_KINDS["frozen"], "fgsm_acc", minus=BASELINE),
+     "gain, preconditioned": Column(FIG4_KINDS["preconditioned"], minus=BASELINE),
+     "FGSM gain, preconditioned": Column(FIG4_KINDS["preconditioned"], "fgsm_acc", minus=BASELINE)},
     min_rows=3, plot="expansion", found="Paper (CIFAR-10): (a) learnable LC at or below the baseline (E = 0) at every "
     "E; (b) frozen LC above learnable from E = 8 and above the baseline at E = 128, then declining slightly; (c) frozen "
     "LC's FGSM accuracy rising with E, above both. Beyond the paper: *preconditioned* is frozen LC trained as one "

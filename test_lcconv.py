@@ -1229,6 +1229,7 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
     fig4 = table(report, "Fig. 4:", "15 epoch(s) on the full training set")
     assert fig4["8192"]["test acc, preconditioned"] == frozen and fig4["2048"]["FGSM, preconditioned"] == summary([72.0, 73.0])
     assert fig4["2048"]["test acc, --lc-init"] == fig4["8"]["test acc, --lc-init"] == learnable
+    assert fig4["8192"]["gain, preconditioned"] == fig4["2048"]["FGSM gain, preconditioned"] == gain
     assert fig4["2048"]["test acc, frozen"] == fig4["256"]["test acc, learnable"] == "—"  # not run: too slow
     for title, row in [("Fig. 6a", "256"), ("Fig. 6b", "260"), ("Fig. 8a", "9, frozen")]:
         assert set(table(report, title, part)[row].values()) >= {frozen}, title
