@@ -237,15 +237,77 @@ scaling("width", (16, 32, 64, 128, 256), "Fig. 6a", "Paper: frozen catches up as
 scaling("depth", (20, 32, 56, 110, 164, 260), "Fig. 6b", "Paper: frozen catches up as D grows; break-even at D ≈ 260.")
 
 
-@group("kernel", "Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones", Table(
+# The paper's open question (Section 6): does an init with more variance in the kernel centre close the large-kernel
+# gap? Two arms: `center` (ours), and the oracle, frozen filters drawn from the covariance Σ of the kernels that the
+# baseline learned at k = 9 (lcconv.spatial_covariance), the best an init built on second moments can do. In the
+# report a run of `--init FILE.json` has init "covariance"; FILE is written from the lowest seed's baseline.
+CENTER_E, ORACLE_E, ORACLE_K = (0, 1, 8, 64), (1, 8, 64), 9
+
+
+def covariance_file(s, setting):  # where a setting's oracle Σ is kept, beside its results
+    return f"{s.results}/covariance/{setting}-k{ORACLE_K}.json"
+
+
+def init_arms(*setting, covariance):
+    """`center` at k = 3 and 9 (learned filters and frozen LC x1, x8, x64), the oracle at k = 9 (frozen LC)."""
+    for k, e in [(k, e) for k in (3, ORACLE_K) for e in CENTER_E]:
+        yield flags(*setting, "--kernel-size", k, *["--expansion", e, "--frozen"] * bool(e), "--init", "center")
+    for e in ORACLE_E:
+        yield flags(*setting, "--kernel-size", ORACLE_K, "--expansion", e, "--frozen", "--init", covariance)
+
+
+@group("kernel", "Fig. 7-9: k = 3 ... 9, learned filters vs LCs of frozen random ones; centred and oracle inits", Table(
     "Fig. 8a: kernel size k and E, test accuracy %", "k, spatial filters",
-    {f"{k}, {kind}": dict(kernel_size=k, frozen=kind == "frozen") for k in KERNEL_SIZES
-     for kind in ("learnable", "frozen")},
+    {**{f"{k}, {kind}": dict(kernel_size=k, frozen=kind == "frozen") for k in KERNEL_SIZES
+        for kind in ("learnable", "frozen")},
+     **{f"{k}, {kind}, center": dict(kernel_size=k, frozen=kind == "frozen", init="center") for k in (3, ORACLE_K)
+        for kind in ("learnable", "frozen")},
+     f"{ORACLE_K}, frozen, oracle": dict(kernel_size=ORACLE_K, frozen=True, init="covariance")},
     {"no LC": Column(dict(expansion=0)), **{f"E = {e}": Column(dict(expansion=e)) for e in LC_EXPANSIONS}},
-    found="Paper: the frozen-vs-learnable gap grows with k and shrinks with E.", min_rows=3))
+    found="Paper: the frozen-vs-learnable gap grows with k and shrinks with E. Open question: does a centred init "
+          "close it? *center*: ours; *oracle*: Σ that the baseline learned at k = 9.", min_rows=3))
 def kernel_runs(s):
     for k, e in [(k, e) for k in KERNEL_SIZES for e in (0, *LC_EXPANSIONS)]:
         yield from pair("--dataset", s.main, "--kernel-size", k, *["--expansion", e] * bool(e))
+    setting = f"{s.main}-{s.epochs}ep" + f"-{s.train_subset}" * bool(s.train_subset)
+    yield from init_arms("--dataset", s.main, covariance=covariance_file(s, setting))
+
+
+# The same question on a CPU: 5 epochs on all of Fashion-MNIST. A row is k and the frozen filters' init; every gap is
+# to the same k's baseline (learned filters, default init), paired by seed. x512 runs preconditioned: at k = 9 its
+# folded step costs twice the preconditioned one.
+KERNEL5_E = (1, 8, 64, 512)
+KERNEL5_INITS = {"": "kaiming_uniform", ", center": "center", ", oracle": "covariance"}
+KERNEL5_FROZEN = {e: dict(expansion=e, frozen=True, preconditioned=e == 512) for e in KERNEL5_E}
+LEARNED = dict(expansion=0, frozen=False, preconditioned=False)
+KERNEL5 = Table(
+    "Fig. 8a on a CPU: frozen LC xE against kernel size k and init, test accuracy %, gaps to the same k's baseline",
+    "k, init", {f"{k}{label}": dict(kernel_size=k, init=init) for label, init in KERNEL5_INITS.items()
+                for k in KERNEL_SIZES},
+    {"learned filters": Column(LEARNED), **{f"frozen x{e}": Column(c) for e, c in KERNEL5_FROZEN.items()},
+     "learnable x8": Column(dict(expansion=8, frozen=False, preconditioned=False)),
+     **{f"gap x{e}": Column(c, minus=dict(LEARNED, init="kaiming_uniform")) for e, c in KERNEL5_FROZEN.items()},
+     "gap, learnable x8": Column(dict(expansion=8, frozen=False, preconditioned=False),
+                                 minus=dict(LEARNED, init="kaiming_uniform")),
+     "gap, learned filters": Column(LEARNED, minus=dict(LEARNED, init="kaiming_uniform"))},
+    base=dict(dataset="fashionmnist"), min_rows=2, plot="kernel",
+    found="Paper (CIFAR-10, 75 epochs): (e) the gap grows with k, (f) shrinks with E. Open question: does a centred "
+          "init close it? Beyond the paper: the oracle init (Σ the baseline learned at k = 9); m/d = E/k² in the "
+          "convs of equal width. x512 is preconditioned. Gaps: frozen LC (of the row's init) − the baseline of the "
+          "same k with the default init, seed by seed.")
+KERNEL5_BF16 = replace(KERNEL5, title="Fig. 8a on a CPU within bf16: every run and gap in one precision", **WITHIN_BF16)
+
+
+@group("kernel5", "Fig. 7-8 on all of Fashion-MNIST at 5 epochs, for a CPU: k = 3 ... 9, E = 1 ... 512, "
+       "centred and oracle inits", KERNEL5, KERNEL5_BF16)
+def kernel5_runs(s):  # its own schedule: EPOCHS and TRAIN_SUBSET do not apply
+    setting = ("--dataset", "fashionmnist", "--epochs", 5)
+    for k in KERNEL_SIZES:
+        yield flags(*setting, "--kernel-size", k)
+        yield from (flags(*setting, "--kernel-size", k, "--expansion", e, "--frozen",
+                          *["--preconditioned"] * (e == 512)) for e in KERNEL5_E)
+        yield flags(*setting, "--kernel-size", k, "--expansion", 8)
+    yield from init_arms(*setting, covariance=covariance_file(s, "fashionmnist-5ep"))
 
 
 group("ablation", "Table 3: an op between the LC-Block's two convs, E = 64", Table(
@@ -394,6 +456,35 @@ def unfinished(runs):
 
 
 # -----------------------------------------------------------------------------
+# The oracle's Σ: a file written once from a baseline's result line, then kept beside the results (in git)
+
+LC_FLAGS = {"--expansion": 1, "--frozen": 0, "--preconditioned": 0, "--init": 1}  # flag: the values it takes
+
+
+def covariance_ready(run):
+    """Whether the Σ file of a run of `--init FILE.json` is there (any other run: True), writing it if it is missing
+    from the spatial_covariance of the lowest seed's baseline in the run's results file: the run's own flags less
+    the LC flags and --init, learned filters at the default init."""
+    init = train.PARSER.parse_args(run.argv).init
+    if not init.endswith(".json") or Path(init).exists():
+        return True
+    argv, i = [], 0
+    while i < len(run.argv):
+        flag = run.argv[i]
+        argv += [] if flag in LC_FLAGS else [flag]
+        i += 1 + LC_FLAGS.get(flag, 0)
+    key = lambda config: json.dumps({**train.recipe(config), "seed": None, "precision": None}, sort_keys=True)
+    baseline = key(train.parse_args(argv))
+    lines = sorted((line for _, line in train.read_lines(run.out) if not train.unusable(line) and key(line) == baseline
+                    and tensor(line.get("spatial_covariance"), 2) is not None), key=lambda line: line["seed"])
+    if lines:
+        source = {k: lines[0].get(k) for k in ("dataset", "epochs", "train_subset", "kernel_size", "seed", "precision",
+                                               "hardware", "code", "test_acc")}
+        write_whole(Path(init), json.dumps(dict(covariance=lines[0]["spatial_covariance"], baseline=source)).encode())
+    return bool(lines)
+
+
+# -----------------------------------------------------------------------------
 # The plan: runs and SGD steps per group; the time they take depends on the machine and the model
 
 
@@ -473,8 +564,10 @@ def load_results(folder):
         for n, r in train.read_lines(path):
             if problem := train.unusable(r):
                 skipped.append(f"{path.name} line {n}: {problem}")
-            else:  # a line without "precision": fp32 from a CPU, else bf16
-                lines.append({**r, **train.recipe(r), **metrics(r)})
+            else:  # a line without "precision": fp32 from a CPU, else bf16; `--init FILE.json`: "covariance"
+                config = train.recipe(r)
+                config["init"] = "covariance" if config["init"].endswith(".json") else config["init"]
+                lines.append({**r, **config, **metrics(r)})
     return one_a_seed(sorted(lines, key=lambda r: r["precision"] != "fp32")), lines, skipped, files
 
 
@@ -586,15 +679,21 @@ def save_figure(fig, folder, name):
 
 def draw(ax, curves, baseline, xlabel, ylabel, log_base):
     """Each curve's means, in its style (matplotlib's line arguments), with a dot for each seed; the baseline (a Cell)
-    as a dashed line at its mean in a grey band from its lowest seed to its highest. curves: label -> ([(x, Cell)], style)."""
+    as a dashed line at its mean in a grey band from its lowest seed to its highest, each in the legend.
+    curves: label -> ([(x, Cell)], style)."""
+    dots = False
     for label, (points, style) in curves.items():
         if points := [(x, cell) for x, cell in points if cell.value is not None]:
             line, = ax.plot([x for x, _ in points], [c.value for _, c in points], label=label, **style)
             seeds = [(x, v) for x, c in points for v in c.values if len(c.values) > 1]
             ax.scatter(*zip(*seeds), s=12, color=line.get_color(), alpha=0.5) if seeds else None
-    ax.axhline(baseline.value, color="grey", linestyle="--", label="baseline")
+            dots = dots or bool(seeds)
+    ax.scatter([], [], s=12, color="black", alpha=0.5, label="a dot: one seed") if dots else None
+    ax.axhline(baseline.value, color="grey", linestyle="--", label="baseline, mean over seeds" if baseline.values
+               else "baseline")
     if len(baseline.values) > 1:
-        ax.axhspan(min(baseline.values), max(baseline.values), color="grey", alpha=0.2, linewidth=0)
+        ax.axhspan(min(baseline.values), max(baseline.values), color="grey", alpha=0.2, linewidth=0,
+                   label="baseline, lowest to highest seed")
     ax.set_xscale("log", base=log_base)
     ax.set(xlabel=xlabel, ylabel=ylabel)
 
@@ -641,12 +740,89 @@ def length_figure(folder, rows, where):
             f"{rows[0][1]['dataset']}, runs {where}: the mean over seeds, a dot for each seed.\n")
 
 
-def filter_grid(filters):
-    """(n, 1 or 3, k, k) filters -> an 8-wide (3, H, W) image grid on one shared scale, 0 = grey (Fig. 7)."""
+def kernel_figure(folder, rows, where):
+    """Fig. 8a's shape from KERNEL5's rows: each frozen LC's gap to its k's baseline against E (left) and against
+    m/d = E/k² (right), a line per k and init, a dot per seed; learnable LC x8's gap as a cross."""
+    if not (plt := pyplot()):
+        return ""
+    c = rows[0][1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = dict(zip(KERNEL_SIZES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    styles = {"kaiming_uniform": dict(marker="o"), "center": dict(marker="s", linestyle="--", markerfacecolor="none"),
+              "covariance": dict(marker="*", markersize=10, linestyle=":")}
+    names = {"kaiming_uniform": "", "center": ", center init", "covariance": ", oracle init"}
+    seeds = max((len(cell.values) for _, _, cells in rows for cell in cells.values()), default=0)
+    for ax, per_d in zip(axes, (False, True)):
+        curves = {}
+        for _, keys, cells in rows:
+            k, init = keys["kernel_size"], keys["init"]
+            x = (lambda e: e / k**2) if per_d else (lambda e: e)
+            curves[f"k = {k}{names[init]}"] = ([(x(e), cells[f"gap x{e}"]) for e in KERNEL5_E],
+                                              dict(styles[init], color=colours[k]))
+            if init == "kaiming_uniform":
+                curves[f"k = {k}, learnable LC x8"] = ([(x(8), cells["gap, learnable x8"])],
+                                                       dict(marker="x", linestyle="none", color=colours[k]))
+        draw(ax, curves, Cell("", 0, []), "m/d = E/k² (convs of equal width)" if per_d else "E (LC expansion)",
+             "test accuracy % − the same k's baseline", 2)
+        if per_d:
+            ax.axvline(1, color="black", linestyle=":", linewidth=1, label="m/d = 1")
+        ax.xaxis.set_major_formatter("{x:.3g}")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    precision = where.rsplit(", ", 1)[-1] if where.endswith("runs only") else "fp32 where a seed has both"
+    fig.suptitle(f"Frozen LC's gap to learned filters by kernel size: {c['dataset']}, {c['epochs']} epochs, "
+                 f"{seeds} seed(s), {precision}", fontsize=10)
+    name = f"kernel_{setting_name(c)}"
+    save_figure(fig, folder, name)
+    return (f"![{name}](plots/{name}.png)\n\nFrozen LC's gap to the baseline of the same kernel size, runs {where} "
+            "(Fig. 8a): the mean over seeds, a dot for each seed; x512 is preconditioned.\n")
+
+
+def kernel_maps_figure(folder, runs, ds):
+    """Fig. 7 and 8b at k = 9, from one seed and setting: each run's spatial variance on one colour scale, and its
+    first layer's combined filters, for the baseline, frozen LC x8 and x512, and x8 under the center and oracle inits."""
+    kinds = {"baseline": dict(expansion=0, frozen=False, init="kaiming_uniform"),
+             "frozen LC x8": dict(expansion=8, frozen=True, init="kaiming_uniform"),
+             "frozen LC x512": dict(expansion=512, frozen=True, preconditioned=True, init="kaiming_uniform"),
+             "x8, center init": dict(expansion=8, frozen=True, init="center"),
+             "x8, oracle init": dict(expansion=8, frozen=True, init="covariance")}
+    base = {**default_config("resnet"), "dataset": ds, "kernel_size": ORACLE_K}
+    found = collections.defaultdict(dict)  # (setting, seed) -> kind -> (variance, filters)
+    for r in runs:
+        for kind, config in kinds.items():
+            variance, filters = tensor(r.get("spatial_variance"), 2), tensor(r.get("first_filters"), 4)
+            if all(r[k] == v for k, v in {**base, "preconditioned": False, **config}.items()) and variance is not None \
+                    and filters is not None:
+                found[tuple(r[k] for k in SETTING), r["seed"]][kind] = (variance, filters)
+    if not found or not (plt := pyplot()):
+        return ""
+    (setting, seed), maps = max(found.items(), key=lambda f: (len(f[1]), -f[0][1]))
+    if "baseline" not in maps or len(maps) < 2:
+        return ""
+    fig, axes = plt.subplots(2, len(maps), figsize=(2.4 * len(maps), 5.2), squeeze=False)
+    scale = max(v.max().item() for v, _ in maps.values())
+    for column, (kind, (variance, filters)) in enumerate(maps.items()):
+        image = axes[0, column].imshow(variance.numpy(), vmin=0, vmax=scale, cmap="viridis")
+        axes[1, column].imshow(filter_grid(filters[:16], nrow=4).permute(1, 2, 0).numpy())
+        axes[0, column].set_title(kind, fontsize=9)
+        for ax in axes[:, column]:
+            ax.axis("off")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="variance over all kernels")
+    epochs = dict(zip(SETTING, setting))["epochs"]
+    fig.suptitle(f"9×9 filters, {ds}, {epochs} epochs, seed {seed}: spatial variance (top, one scale) and 16 "
+                 "first-layer filters (bottom, 0 is grey)", fontsize=10)
+    name = f"kernel_maps_{ds}"
+    save_figure(fig, folder, name)
+    return (f"![{name}](plots/{name}.png)\n\nAt k = 9, seed {seed}, {describe(dict(zip(SETTING, setting)))} "
+            "(Fig. 7, 8b): the variance of each kernel position over all the model's kernels, each layer's over its "
+            "std, on one colour scale; below, 16 of the first layer's combined filters, each grid on its own scale.\n")
+
+
+def filter_grid(filters, nrow=8):
+    """(n, 1 or 3, k, k) filters -> an nrow-wide (3, H, W) image grid on one shared scale, 0 = grey (Fig. 7)."""
     from torchvision.utils import make_grid
     scale = filters.abs().max().clamp(min=1e-12).item()
     tiles = F.interpolate(filters.float(), scale_factor=max(1, 48 // filters.shape[-1]), mode="nearest")
-    return make_grid(tiles, nrow=8, normalize=True, value_range=(-scale, scale), pad_value=1)
+    return make_grid(tiles, nrow=nrow, normalize=True, value_range=(-scale, scale), pad_value=1)
 
 
 def filters_figure(folder, runs, ds):
@@ -717,11 +893,12 @@ def write_report(folder):
                     only = f", {table.precision} runs only" if table.precision else ""
                     plots[table.plot, ds].append((rows, where + only))
         for (plot, _), shown in plots.items():  # the last that draws: within one precision, if it has a baseline
-            draw = expansion_figure if plot == "expansion" else length_figure
+            draw = dict(expansion=expansion_figure, length=length_figure, kernel=kernel_figure)[plot]
             figures.append(next((f for rows, where in reversed(shown) if (f := draw(folder, rows, where))), ""))
         if sections:  # runs no table shows (of another --width, say): no empty heading
             parts.append(f"# Runs {where}\n\n" + "\n".join(sections))
-    figures = [f for f in [*figures, *(filters_figure(folder, runs, ds) for ds in datasets)] if f]
+    figures = [f for f in [*figures, *(figure(folder, runs, ds) for ds in datasets
+                                        for figure in (filters_figure, kernel_maps_figure))] if f]
     unused = (f" {len(skipped)} line(s) not used: " + "; ".join(skipped[:10])  # the first 10 named
               + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "") + ".") if skipped else ""
     head = (f"# lcconv: our results beside the paper's\n\nEach cell: mean ± std over seeds (number of seeds), one "
@@ -760,16 +937,20 @@ def main(argv, env):
         write_report(s.results)
         return 0
     runs = runs_of(groups, s)
-    todo = unfinished(runs)
     if not s.quick:
-        print_plan(runs, todo)
+        print_plan(runs, unfinished([run for run in runs if covariance_ready(run)]))
     failed = report_failed = 0
     for group in groups:
         print(f"== {group.name}")
-        todo = unfinished(runs_of([group], s))  # again per group: a config an earlier group shares is done by now
-        for n, (run, _) in enumerate(todo, 1):
-            print(f"[{n}/{len(todo)}] {shlex.join([s.python, 'train.py', *run.argv])}")
-            failed += not run_one(run, s)
+        tried = []  # read again after each run: a config another sweep finished, a Σ file its baseline made possible
+        while todo := [run for run, _ in unfinished([run for run in runs_of([group], s) if covariance_ready(run)])
+                       if run not in tried]:
+            tried.append(todo[0])  # once a sweep: a failed run is not tried again
+            print(f"[{len(tried)}/{len(tried) + len(todo) - 1}] {shlex.join([s.python, 'train.py', *todo[0].argv])}")
+            failed += not run_one(todo[0], s)
+        if waiting := [run for run in runs_of([group], s) if not covariance_ready(run)]:
+            print(f"  {len(waiting)} run(s) wait for the baseline whose learned covariance they draw from (--init "
+                  f"{train.PARSER.parse_args(waiting[0].argv).init}): rerun once it is in {waiting[0].out}")
         try:
             write_report(s.results)
         except Exception as e:  # a bug in the report must not stop the later groups' runs; it is said, not hidden

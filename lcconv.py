@@ -155,21 +155,23 @@ def _filled(conv, weight, bias, preconditioner=None):
 
 # -----------------------------------------------------------------------------
 # Random filters: PyTorch's default (the paper's), a normal one of the same std (Appendix B),
-# and `center`, our own test of the paper's open question
+# `center`, our own test of the paper's open question, and N(0, Σ) for a given spatial covariance Σ
 
 
-INITS = ("kaiming_uniform", "kaiming_normal", "center")
+INITS = ("kaiming_uniform", "kaiming_normal", "center")  # or a (k², k²) tensor Σ
 
 
 def init_std(shape, init="kaiming_uniform"):
     """The std of each entry of a random conv weight of `shape` (c_out, c_in/groups, kh, kw), as a (kh, kw)
     float64 tensor: on average PyTorch's default s = 1/sqrt(3·d), d = c_in/groups·kh·kw (Appendix B).
     `center` scales it by g/sqrt(mean(g²)), g a radial Gaussian of σ = k/4: 35× the corners' variance at
-    the centre of a 3×3, 556× for a 9×9."""
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    the centre of a 3×3, 556× for a 9×9. A tensor Σ scales it by sqrt(diag(Σ) / mean(diag(Σ)))."""
     kh, kw = shape[-2:]
     std = torch.full((kh, kw), 1 / math.sqrt(3 * math.prod(shape[1:])), dtype=torch.float64, device="cpu")
+    if isinstance(init, torch.Tensor):
+        variance = _checked_covariance(init, kh * kw).diagonal()
+        return std * (variance / variance.mean()).sqrt().reshape(kh, kw)
+    _check_init(init)
     if init != "center":
         return std
     y, x = [(torch.arange(k, dtype=torch.float64, device="cpu") - (k - 1) / 2) / (k / 4) for k in (kh, kw)]
@@ -177,15 +179,55 @@ def init_std(shape, init="kaiming_uniform"):
     return std * g / g.pow(2).mean().sqrt()
 
 
+def kernel_root(shape, init="kaiming_uniform"):
+    """B, (kh·kw, kh·kw) float64, with B·Bᵀ the covariance of one kernel of a random conv weight of `shape`
+    (kernels are independent): diag(init_std) for a named init, for Σ its symmetric square root scaled
+    to the default's std, so that only Σ's shape matters."""
+    std = init_std(shape, init).reshape(-1)
+    if not isinstance(init, torch.Tensor):
+        return torch.diag(std)
+    eigenvalues, vectors = torch.linalg.eigh(init.double().cpu())
+    root = vectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ vectors.T  # Σ^½
+    return root * (std.square().mean() / init.double().diagonal().mean()).sqrt().item()
+
+
 @torch.no_grad()
 def init_filters_(weight, init="kaiming_uniform"):
     """Fill a conv weight in place with independent random filters of std init_std: kaiming_uniform
-    U[-√3·s, √3·s] (PyTorch's default, the paper's), kaiming_normal N(0, s²), center N(0, init_std²)."""
+    U[-√3·s, √3·s] (PyTorch's default, the paper's), kaiming_normal N(0, s²), center N(0, init_std²),
+    a tensor Σ each kernel N(0, B·Bᵀ) (kernel_root)."""
+    if isinstance(init, torch.Tensor):
+        root = kernel_root(weight.shape, init).to(weight)
+        kernels = weight.normal_(0, 1).view(-1, len(root)) @ root  # (c_out·c_in/groups, kh·kw)
+        return weight.copy_(kernels.view_as(weight))
     std = init_std(weight.shape, init)
     if init == "kaiming_uniform":
         bound = math.sqrt(3) * std[0, 0].item()
         return weight.uniform_(-bound, bound)
     return weight.normal_(0, 1).mul_(std.to(weight))
+
+
+def _check_init(init):
+    if isinstance(init, torch.Tensor):
+        _checked_covariance(init)
+    elif init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)} or a (k², k²) covariance tensor, got {init!r}")
+
+
+def _checked_covariance(sigma, size=None):
+    """sigma, float64, if it is a finite, symmetric, positive semi-definite (size, size) matrix other than 0
+    (up to rounding), else a ValueError saying which it is not."""
+    if sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1] or size not in (None, sigma.shape[0]):
+        want = f"({size}, {size}), one entry per pair of kernel positions" if size else "square"
+        raise ValueError(f"a covariance init must be {want}; got shape {tuple(sigma.shape)}")
+    sigma = sigma.double().cpu()
+    if not sigma.isfinite().all() or not torch.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8):
+        raise ValueError("a covariance init must be a finite symmetric matrix")
+    eigenvalues = torch.linalg.eigvalsh(sigma)
+    if eigenvalues[0] < -1e-4 * eigenvalues[-1].abs() or eigenvalues[-1] <= 0:
+        raise ValueError(f"a covariance init must be positive semi-definite and not zero; its "
+                         f"smallest eigenvalue is {eigenvalues[0]:.3g}, its largest {eigenvalues[-1]:.3g}")
+    return sigma
 
 
 # -----------------------------------------------------------------------------
@@ -324,11 +366,12 @@ def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediat
         _check_count("expansion", expansion, " for an LC-Block")
     elif intermediate != "none":
         raise ValueError(f"intermediate={intermediate!r} needs an LC-Block (expansion >= 1)")
-    init_std((1, 1, 1, 1), init)  # a bad init fails here, before any layer is replaced
+    _check_init(init)  # a bad init fails here, before any layer is replaced
     if form != "block" and not (expansion and frozen and intermediate == "none"):
         raise ValueError(f"form={form!r} needs a frozen LC-Block without intermediate op (expansion >= 1, frozen=True)")
-    if form == "init" and init == "center":
-        raise ValueError("form='init' needs an i.i.d. init: under init='center' the limit's P = α·diag(g²) is a "
+    if form == "init" and not (isinstance(init, str) and init != "center"):
+        what = repr(init) if isinstance(init, str) else "a covariance"
+        raise ValueError(f"form='init' needs an i.i.d. init: under init={what} the limit's P is not α·I but a "
                          "learning rate per kernel position, not an initialisation (use form='limit')")
     arguments = {}  # of every conv to replace, all checked first: a refused model stays as it was
     for name, conv in spatial_layers(model):
@@ -338,6 +381,9 @@ def convert(model, expansion=0, frozen=True, init="kaiming_uniform", intermediat
                 raise ValueError(f"{name} is a {cls.__name__}, an nn.Conv2d subclass with its own forward; "
                                  "convert replaces plain nn.Conv2d only (replace it by nn.Conv2d first)")
             arguments[id(conv)] = _conv_arguments(name, conv)
+            if isinstance(init, torch.Tensor) and conv.weight[0, 0].numel() != len(init):
+                raise ValueError(f"{name} has {'×'.join(map(str, conv.kernel_size))} kernels, the covariance "
+                                 f"init is {len(init)}×{len(init)}: one row per position of a kernel")
 
     def new_module(name, conv):
         if id(conv) not in arguments:
@@ -406,11 +452,24 @@ def spatial_variance(model):
     """(k, k) variance over all kernels of the model at each kernel position (the paper's Fig. 8b):
     each layer's combined filters divided by that layer's std, stacked, variance per position.
     Layers whose kernel shape is not the model's most common one (a patch stem) are left out."""
+    return _normalised_kernels(model).var(0)
+
+
+@torch.no_grad()
+def spatial_covariance(model):
+    """(k², k²) second moments of the kernels spatial_variance stacks, about zero (not their mean): the
+    covariance Σ of the zero-mean Gaussian that matches them, to draw random filters from (init=Σ)."""
+    kernels = _normalised_kernels(model).flatten(1).double()  # (N, k²)
+    return kernels.T @ kernels / len(kernels)
+
+
+def _normalised_kernels(model):
+    """(N, k, k): every kernel of the model's most common shape, each layer's over that layer's std."""
     filters = list(combined_filters(model).values())
     shapes = [f.shape[-2:] for f in filters]
     shape = max(set(shapes), key=shapes.count)
     kernels = [(f / f.std()).reshape(-1, *shape) for f in filters if f.shape[-2:] == shape]
-    return torch.cat(kernels).var(0)
+    return torch.cat(kernels)
 
 
 def count_parameters(model):
@@ -485,17 +544,20 @@ def _preconditioned_lc_block(args, expansion, init):
     """A fresh frozen LC ×E as its PreconditionedConv2d, drawn without its m·d filters S: per
     group, P = SᵀS and K₀ = C₀·S come from a root R with P = RᵀR.
       m < d: R = S, drawn as LCConv2d draws it, and K₀ = C₀·S (exact for every init);
-      m ≥ d: P is Wishart W_d(m, Σ), Σ = diag(init_std²), drawn by Bartlett's decomposition,
-        R = Lᵀ·Σ^½ (L lower triangular, L_ii² ~ χ²(m − i + 1), N(0, 1) below the diagonal),
+      m ≥ d: P is Wishart W_d(m, Σ), Σ = I ⊗ B·Bᵀ (kernel_root), drawn by Bartlett's decomposition,
+        R = Lᵀ·(I ⊗ Bᵀ) (L lower triangular, L_ii² ~ χ²(m − i + 1), N(0, 1) below the diagonal),
         and K₀ as σ_C·Z·R, Z ~ N(0, 1): given P, the rows of C₀·S are N(0, σ_C²·P).
     O(d³) per group, whatever E. For m ≥ d, exact in distribution for Gaussian filters and C₀; for the
     uniform default, P has the block's mean m·Σ and Marchenko-Pastur spectrum, not its finer statistics."""
+    if torch.get_default_device().type == "meta":  # built for its shapes alone (train.py's checks): no O(d³) draw
+        return PreconditionedConv2d(*args, expansion=expansion, device="meta")
     new = PreconditionedConv2d(*args, expansion=expansion, device="meta").to_empty(device="cpu")
     groups, shape = new.groups, new.weight.shape[1:]
     m, d = new.out_channels * expansion // groups, math.prod(shape)
     weight = new.weight.view(groups, -1, d)
     bound = 1 / math.sqrt(m)  # the 1×1 conv's default init U(±1/√m), fan-in m
-    std = init_std(new.weight.shape, init).expand(shape).reshape(d)  # Σ^½'s diagonal
+    # Bᵀ, (kh·kw, kh·kw), diagonal for a named init: in float32 and applied in float64, each product exact
+    kernel = kernel_root(new.weight.shape, init).T.float().double()
     with torch.device("cpu"):  # drawn on the CPU even where the caller builds under a torch.device('meta') context
         for group in range(groups):
             if m < d:
@@ -504,7 +566,7 @@ def _preconditioned_lc_block(args, expansion, init):
             else:
                 chi2 = torch.distributions.Chi2(torch.arange(m, m - d, -1, dtype=torch.float64)).sample()
                 lower = torch.randn(d, d).tril_(-1) + torch.diag(chi2.sqrt().float())
-                root = lower.T * std.float()  # Lᵀ·Σ^½: column j times std_j
+                root = (lower.T.double().reshape(d, -1, len(kernel)) @ kernel).reshape(d, d).float()  # Lᵀ·(I ⊗ Bᵀ)
                 weight[group] = torch.randn(len(weight[group]), d).mul_(bound / math.sqrt(3)) @ root
             new.preconditioner[group] = root.T @ root
     if new.bias is not None:
@@ -514,20 +576,21 @@ def _preconditioned_lc_block(args, expansion, init):
 
 @torch.no_grad()
 def _lc_limit_conv(args, expansion, init, as_init):
-    """The m ≫ d limit of a frozen LC ×E, a PreconditionedConv2d: P = E[P] = m·diag(init_std²) (α·I for
-    i.i.d. inits), K₀ drawn as its limit N(0, init_std²/3), bias 0. as_init: the init form, the plain
+    """The m ≫ d limit of a frozen LC ×E, a PreconditionedConv2d: P = E[P] = m·(I ⊗ B·Bᵀ) (kernel_root; α·I
+    for i.i.d. inits), K₀ drawn as its limit, kernels N(0, B·Bᵀ/3), bias 0. as_init: the init form, the plain
     nn.Conv2d whose weight is that K₀/√α (std 1/√(3m)), from the same random numbers; i.i.d. inits only."""
     # float64, so that a float64 model gets K_init = K₀/√α to the last bit
     limit = PreconditionedConv2d(*args, expansion=expansion, device="meta", dtype=torch.float64).to_empty(device="cpu")
     groups, m = limit.groups, limit.out_channels * expansion // limit.groups
-    std = init_std(limit.weight.shape, init)
-    limit.weight.normal_(0, 1).mul_(std / math.sqrt(3))
+    kernel = kernel_root(limit.weight.shape, init)  # B: (kh·kw, kh·kw)
+    kernels = limit.weight.normal_(0, 1).view(-1, len(kernel)) @ (kernel.T / math.sqrt(3))
+    limit.weight.copy_(kernels.view_as(limit.weight))
     if limit.bias is not None:
         limit.bias.zero_()
     if as_init:
         return _filled(nn.Conv2d(*args, device="meta"), limit.weight / math.sqrt(alpha(limit, expansion)), limit.bias)
-    variance = (m * std**2).expand(limit.weight.shape[1:]).reshape(-1)  # (d,)
-    limit.preconditioner.copy_(torch.diag(variance).expand(groups, -1, -1))
+    covariance = torch.block_diag(*[m * kernel @ kernel.T] * limit.weight.shape[1])  # (d, d): I ⊗ m·B·Bᵀ
+    limit.preconditioner.copy_(covariance.expand(groups, -1, -1))
     return limit
 
 

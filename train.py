@@ -97,7 +97,10 @@ lc.add_argument("--expansion", type=checked(int, lambda n: n >= 0, ">= 0"), defa
 lc.add_argument("--lc-limit", type=COUNT, metavar="E", help="a plain model trained as frozen LC xE's large-E limit")
 lc.add_argument("--lc-init", type=COUNT, metavar="E", help="the plain model started at that limit's filters / sqrt(alpha)")
 _add("--frozen", action="store_true", help="keep every spatial (k>1) filter at its random init")
-_add("--init", default="kaiming_uniform", choices=lcconv.INITS, help="spatial filter init (paper: kaiming_uniform)")
+_add("--init", default="kaiming_uniform", help=f"spatial filter init: {', '.join(lcconv.INITS)} (the paper's: the first), "
+     "or FILE.json holding a k²×k² covariance Σ to draw each kernel from, N(0, Σ) at the default's std",
+     type=checked(str, lambda init: init in lcconv.INITS or init.endswith(".json"),
+                  f"one of {', '.join(lcconv.INITS)} or a FILE.json"))
 _add("--intermediate", default="none", choices=lcconv.INTERMEDIATES, help="op between the LC-Block's convs (Table 3)")
 _add("--preconditioned", action="store_true", help="train frozen LC-Blocks as their preconditioned convs (exact)")
 _add("--epochs", type=COUNT, default=75, help="training epochs")
@@ -134,6 +137,13 @@ def parse_args(argv=None):
             setattr(args, flag, inspect.signature(getattr(lcconv, args.model)).parameters[flag].default)
     if (args.lc_limit or args.lc_init) and (args.frozen or args.preconditioned):
         error("--lc-limit and --lc-init are plain learnable models: they take no --frozen or --preconditioned")
+    if args.init.endswith(".json"):  # readable, a covariance, of the model's kernels (convert checks each layer's)
+        try:
+            sigma = covariance(args.init)
+            k = args.kernel_size or math.isqrt(len(sigma))  # a torchvision model's: any
+            lcconv.init_std((1, 1, k, k), sigma)
+        except ValueError as e:
+            error(f"--init {args.init}: {e}")
     if (args.train_subset or 0) > (images := DATASETS[args.dataset]["train_images"]):
         error(f"--train-subset must be in 1..{images} (the {args.dataset} training set), got {args.train_subset}")
     try:
@@ -347,11 +357,20 @@ def build_net(args):
             net.features[0][0] = nn.Conv2d(channels, 32, 3, 1, 1, bias=False)
         else:
             net.conv1, net.maxpool = nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.Identity()
+    init = covariance(args.init) if args.init.endswith(".json") else args.init
     if args.lc_limit or args.lc_init:
         form = "limit" if args.lc_limit else "init"
-        return lcconv.convert(net, args.lc_limit or args.lc_init, True, args.init, form=form)
+        return lcconv.convert(net, args.lc_limit or args.lc_init, True, init, form=form)
     form = "preconditioned" if args.preconditioned else "block"
-    return lcconv.convert(net, args.expansion, args.frozen, args.init, args.intermediate, form)
+    return lcconv.convert(net, args.expansion, args.frozen, init, args.intermediate, form)
+
+
+def covariance(path):
+    """The Σ of `--init FILE.json`: the "covariance" of the JSON object in it, a list of k² rows of k² numbers."""
+    try:
+        return torch.tensor(json.loads(Path(path).read_text())["covariance"], dtype=torch.float64, device="cpu")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read a covariance from it ({type(e).__name__}: {e})") from None
 
 
 def to_device(model, device):
@@ -425,19 +444,21 @@ def accuracy(model, images, labels, batch_size, precision, fgsm_eps=0):
 
 
 def filter_metrics(net):
-    """FVE of the first and last spatial layer (Fig. 5), the spatial variance (Fig. 8b), the random basis
+    """FVE of the first and last spatial layer (Fig. 5), the spatial variance and covariance (Fig. 8b), the random basis
     (lcconv.basis_summary) and up to 64 first-layer filters of the model's kernel size (Fig. 7)."""
     filters = list(lcconv.combined_filters(net).values())
     if not filters:  # every conv 1×1 (--kernel-size 1): nothing to measure
-        return dict.fromkeys(("fve_first", "fve_last", "spatial_variance", "basis", "first_filters"))
-    variance = lcconv.spatial_variance(net)
+        return dict.fromkeys(("fve_first", "fve_last", "spatial_variance", "spatial_covariance", "basis",
+                              "first_filters"))
+    variance, covariance = lcconv.spatial_variance(net), lcconv.spatial_covariance(net)
     first = next(f for f in filters if f.shape[-2:] == variance.shape)
     first = first[:64] if first.shape[1] in (1, 3) else first[:64, :1]
     basis = [{k: round(v, 4) if isinstance(v, float) else v for k, v in layer.items()}
              for layer in lcconv.basis_summary(net)]
     return dict(fve_first=lcconv.filter_variance_entropy(filters[0])[1],
                 fve_last=lcconv.filter_variance_entropy(filters[-1])[1],
-                spatial_variance=[[round(v, 4) for v in row] for row in variance.tolist()], basis=basis or None,
+                spatial_variance=[[round(v, 4) for v in row] for row in variance.tolist()],
+                spatial_covariance=[[round(v, 4) for v in row] for row in covariance.tolist()], basis=basis or None,
                 first_filters=first.double().mul(1e5).round().div(1e5).tolist())
 
 
