@@ -191,7 +191,9 @@ FIG4 = Table(
      "frozen − learnable": Column(FIG4_KINDS["frozen"], minus=AS_BLOCK),
      "FGSM gain, frozen": Column(FIG4_KINDS["frozen"], "fgsm_acc", minus=BASELINE),
      "gain, preconditioned": Column(FIG4_KINDS["preconditioned"], minus=BASELINE),
-     "FGSM gain, preconditioned": Column(FIG4_KINDS["preconditioned"], "fgsm_acc", minus=BASELINE)},
+     "FGSM gain, preconditioned": Column(FIG4_KINDS["preconditioned"], "fgsm_acc", minus=BASELINE),
+     **{f"{metric}{kind} − --lc-init": Column(FIG4_KINDS[kind], key, minus=FIG4_KINDS["--lc-init"])
+        for metric, key in [("", "test_acc"), ("FGSM ", "fgsm_acc")] for kind in ("frozen", "preconditioned")}},
     min_rows=3, plot="expansion", found="Paper (CIFAR-10): (a) learnable LC at or below the baseline (E = 0) at every "
     "E; (b) frozen LC above learnable from E = 8 and above the baseline at E = 128, then declining slightly; (c) frozen "
     "LC's FGSM accuracy rising with E, above both. Beyond the paper: *preconditioned* is frozen LC trained as one "
@@ -523,7 +525,8 @@ def run_one(run, s):
 SETTING = ("epochs", "train_subset", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "fgsm_eps")
 FORMATS = dict(params_learnable="{:,.0f}", spread="{:.3g}", spread_mp="{:.3g}", first_rms="{:.3f}",
                first_rms_limit="{:.3f}")  # else "{:.2f}"
-Cell = collections.namedtuple("Cell", "text value values")  # value: the mean (or gain); values: one a seed
+# value: the mean (or gain); values: one a seed, of the seeds in `seeds`
+Cell = collections.namedtuple("Cell", "text value values seeds", defaults=((),))
 
 
 def number(x):  # x if it is a finite number, else None (a JSON line can hold NaN, Infinity or "81.5")
@@ -610,11 +613,11 @@ def evaluate(table, find, context):
                 others = {} if base == find(keys, column.config) else {
                     r["seed"]: r[column.metric] for r in base if r[column.metric] is not None}
                 values = {seed: v - others[seed] for seed, v in values.items() if seed in others}
-            values = list(values.values())
+            seeds, values = list(values), list(values.values())
             mean = statistics.mean(values) if values else None
             spread = f" ± {f(statistics.stdev(values))}" if len(values) > 1 else ""  # over seeds
             text = f"{'+' * (column.minus is not None and mean >= 0)}{f(mean)}{spread} ({len(values)})" if values else "—"
-            cells[name] = Cell(text, mean, values)
+            cells[name] = Cell(text, mean, values, seeds)
         rows.append((label, keys, cells))
     return rows
 
@@ -641,7 +644,21 @@ def render(table, rows, ds):
             lines[-1] += [c.text, *[paper.get(label, {}).get(name, "—")] * (name in beside)]
     lines = [f"| {' | '.join(line)} |" for line in lines]
     return "\n".join([f"## {table.title}{f', on {ds}' if ds else ''}\n", lines[0], "|" + "---|" * len(header),
-                      *lines[1:], *[f"\n{table.found}"] * bool(table.found)]) + "\n"
+                      *lines[1:], *[f"\n{table.found}"] * bool(table.found)]) + "\n" + seed_by_seed(table, shown)
+
+
+def seed_by_seed(table, shown):
+    """The gain columns of a rendered table's rows, a cell its gains seed by seed ("0: +0.36, 1: +0.31"); "" if none."""
+    gains = {name: FORMATS.get(c.metric, "{:.2f}").format for name, c in table.columns.items() if c.minus is not None}
+    rows = [[str(label), *[", ".join(f"{seed}: {'+' * (v >= 0)}{f(v)}" for seed, v in zip(cells[name].seeds,
+                                                                                      cells[name].values)) or "—"
+                           for name, f in gains.items()]]
+            for label, _, cells in shown if any(cells[name].values for name in gains)]
+    if not rows:
+        return ""
+    lines = [f"| {' | '.join(line)} |" for line in [[table.row_name, *gains], *rows]]
+    return "\n".join(["", f"### Seed by seed: {table.title}\n", lines[0], "|" + "---|" * len(gains) + "---|",
+                      *lines[1:]]) + "\n"
 
 
 def describe(c):  # a training setting in words
@@ -704,6 +721,14 @@ FIG4_STYLES = {"frozen": dict(marker="o"), "learnable": dict(marker="o"),
                "--lc-init": dict(marker="^", linestyle=":")}
 
 
+def seeds_of(rows):  # the most seeds a cell of these rows has
+    return max((len(cell.values) for _, _, cells in rows for cell in cells.values()), default=0)
+
+
+def precision_of(where):  # the runs' precision, as the last words of where (write_report) say it
+    return where.rsplit(", ", 1)[-1].removesuffix(" only").removesuffix(" runs")
+
+
 def expansion_figure(folder, rows, where):
     """Fig. 4's shape from its table's rows: test and FGSM accuracy against E, side by side; m/d = 1 marked."""
     baseline, c = rows[0][2], rows[0][1]  # the row E = 0
@@ -718,6 +743,8 @@ def expansion_figure(folder, rows, where):
         ax.axvline(9, color="black", linestyle=":", linewidth=1, label="m/d = 1")  # E·c_out = c_in·3·3
         ax.xaxis.set_major_formatter("{x:.0f}")  # 1, 4, 16, ... rather than powers of 2
     axes[0].legend(fontsize=7)
+    fig.suptitle(f"Accuracy against E: {c['dataset']}, {c['epochs']} epochs, {seeds_of(rows)} seed(s), "
+                 f"{precision_of(where)}", fontsize=10)
     name = f"expansion_{setting_name(c)}"
     save_figure(fig, folder, name)
     return (f"![{name}](plots/{name}.png)\n\nTest accuracy (left) and FGSM accuracy at ε = {c['fgsm_eps'] * 255:.3g}/255 "
@@ -726,17 +753,24 @@ def expansion_figure(folder, rows, where):
 
 
 def length_figure(folder, rows, where):
-    """Each kind's gain over the baseline against the SGD steps of its row."""
+    """Each kind's gain over the baseline against its row's length, in epochs of the whole training set (SGD steps
+    on top)."""
     if not (plt := pyplot()):
         return ""
-    curves = {name.removeprefix("gain, "): ([(sgd_steps(keys), cells[name]) for _, keys, cells in rows], dict(marker="o"))
-              for name in rows[0][2] if name.startswith("gain, ")}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    draw(ax, curves, Cell("", 0, []), "SGD steps", "test accuracy % − the baseline's", 10)
-    ax.legend()
+    c = rows[0][1]
+    epoch = sgd_steps({**c, "epochs": 1, "train_subset": None})  # SGD steps in an epoch of the whole training set
+    curves = {name.removeprefix("gain, "): ([(sgd_steps(keys) / epoch, cells[name]) for _, keys, cells in rows],
+                                            dict(marker="o")) for name in rows[0][2] if name.startswith("gain, ")}
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    draw(ax, curves, Cell("", 0, []), "epochs of all training images", "test accuracy % − the baseline's", 10)
+    ax.secondary_xaxis("top", functions=(lambda x: x * epoch, lambda x: x / epoch)).set_xlabel("SGD steps")
+    ax.xaxis.set_major_formatter("{x:.3g}")
+    ax.legend(fontsize=7)
+    ax.set_title(f"Gain over the baseline against length: {c['dataset']}, up to {seeds_of(rows)} seeds, "
+                 f"{precision_of(where)}", fontsize=9, pad=30)
     name = f"length_{rows[0][1]['dataset']}"
     save_figure(fig, folder, name)
-    return (f"![{name}](plots/{name}.png)\n\nGain over the same seed's baseline against SGD steps on "
+    return (f"![{name}](plots/{name}.png)\n\nGain over the same seed's baseline against training length on "
             f"{rows[0][1]['dataset']}, runs {where}: the mean over seeds, a dot for each seed.\n")
 
 
@@ -751,7 +785,6 @@ def kernel_figure(folder, rows, where):
     styles = {"kaiming_uniform": dict(marker="o"), "center": dict(marker="s", linestyle="--", markerfacecolor="none"),
               "covariance": dict(marker="*", markersize=10, linestyle=":")}
     names = {"kaiming_uniform": "", "center": ", center init", "covariance": ", oracle init"}
-    seeds = max((len(cell.values) for _, _, cells in rows for cell in cells.values()), default=0)
     for ax, per_d in zip(axes, (False, True)):
         curves = {}
         for _, keys, cells in rows:
@@ -768,9 +801,8 @@ def kernel_figure(folder, rows, where):
             ax.axvline(1, color="black", linestyle=":", linewidth=1, label="m/d = 1")
         ax.xaxis.set_major_formatter("{x:.3g}")
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    precision = where.rsplit(", ", 1)[-1] if where.endswith("runs only") else "fp32 where a seed has both"
     fig.suptitle(f"Frozen LC's gap to learned filters by kernel size: {c['dataset']}, {c['epochs']} epochs, "
-                 f"{seeds} seed(s), {precision}", fontsize=10)
+                 f"{seeds_of(rows)} seed(s), {precision_of(where)}", fontsize=10)
     name = f"kernel_{setting_name(c)}"
     save_figure(fig, folder, name)
     return (f"![{name}](plots/{name}.png)\n\nFrozen LC's gap to the baseline of the same kernel size, runs {where} "
@@ -871,6 +903,28 @@ def provenance(runs):
         "\n\ns/epoch: the median of the run's epochs, or for older lines their mean, pauses of the machine included.\n")
 
 
+def precision_pairs(lines):
+    """Runs made in both precisions, seed by seed: bf16 is another trajectory, not a rounding of fp32."""
+    both = collections.defaultdict(dict)
+    for r in lines:
+        both[seed_run(r)].setdefault(r["precision"], r)
+    rows = sorted(((pair["fp32"], pair["bf16"]) for pair in both.values() if len(pair) == 2),
+                  key=lambda p: (p[0]["dataset"], p[0]["epochs"], p[0]["train_subset"] or 0, name(p[0]), p[0]["seed"]))
+    if not rows:
+        return ""
+    table = ["| dataset | schedule | run | seed | test fp32 | test bf16 | bf16 − fp32 | FGSM fp32 | FGSM bf16 | "
+             "bf16 − fp32 |", "|---" * 10 + "|"]
+    for fp32, bf16 in rows:
+        cells = []
+        for metric in ("test_acc", "fgsm_acc"):
+            a, b = fp32[metric], bf16[metric]
+            cells += [f"{a:.2f}", f"{b:.2f}", f"{'+' * (b >= a)}{b - a:.2f}"] if None not in (a, b) else ["—"] * 3
+        schedule = f"{fp32['epochs']} ep" + (f" on {fp32['train_subset']:,}" if fp32["train_subset"] else "")
+        table.append(f"| {fp32['dataset']} | {schedule} | {name(fp32)} | {fp32['seed']} | {' | '.join(cells)} |")
+    return ("# Precision pairs: runs made in both fp32 and bf16\n\n" + "\n".join(table) +
+            "\n\nThe tables take the fp32 run; a table 'within bf16' the bf16 one.\n")
+
+
 def write_report(folder):
     runs, lines, skipped, files = load_results(folder)
     datasets, parts, figures = sorted({r["dataset"] for r in runs}), [], []
@@ -889,8 +943,11 @@ def write_report(folder):
                 if table.precision and rows == evaluate(table, finds[None], {**context, "dataset": ds}):
                     continue  # every run of it is in that precision already
                 sections += [text] if (text := render(table, rows, ds)) else []
-                if text and table.plot:
-                    only = f", {table.precision} runs only" if table.precision else ""
+                if text and table.plot:  # where, and in which precision: a figure's title says it
+                    kinds = {r["precision"] for r in runs if ds in (None, r["dataset"])
+                             and (spans or all(r[k] == v for k, v in context.items()))}
+                    only = (f", {table.precision} runs only" if table.precision else
+                            f", {kinds.pop()} runs" if len(kinds) == 1 else ", fp32 where a seed has both")
                     plots[table.plot, ds].append((rows, where + only))
         for (plot, _), shown in plots.items():  # the last that draws: within one precision, if it has a baseline
             draw = dict(expansion=expansion_figure, length=length_figure, kernel=kernel_figure)[plot]
@@ -905,8 +962,11 @@ def write_report(folder):
             f"run a seed, fp32 or bf16 (fp32 where a seed has both; the provenance table at the end says which). "
             f"{len(lines)} finished runs in {len(files)} results file(s) ({', '.join(f.name for f in files) or 'none'})."
             f"{unused} Paper: Gavrikov & Keuper, arXiv:2301.11360.\n")
-    write_whole(Path(folder, "REPORT.md"), "\n".join([head, *["## Figures\n\n" + "\n".join(figures)] * bool(figures),
-                                                      *parts, provenance(lines)]).encode())
+    figures = figures or ["No figures: matplotlib is not installed (`pip install matplotlib`, then "
+                          "`bash experiments.sh report`)."] * (pyplot() is None)
+    sections = [head, *["## Figures\n\n" + "\n".join(figures)] * bool(figures), *parts, precision_pairs(lines),
+                provenance(lines)]
+    write_whole(Path(folder, "REPORT.md"), "\n".join(section for section in sections if section).encode())
     print(f"wrote {folder}/REPORT.md" + f" ({len(skipped)} line(s) of the results files not used, named there)"
           * bool(skipped))
 

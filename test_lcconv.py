@@ -1365,12 +1365,16 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
     assert fig4["0"]["gain, learnable"] == "—"  # the baseline over itself
     assert fig4["512"]["FGSM, frozen"] == summary([72.0, 73.0]) and fig4["512"]["gain, frozen"] == gain
     assert fig4["64"]["frozen − learnable"] == gain and fig4["8192"]["test acc, preconditioned"] == frozen
+    seeds = table(report, "Seed by seed: Table 1:", part)["cifar10"]  # each gain of a table, seed by seed
+    assert seeds["gain, LC frozen"] == "0: +2.00, 1: +2.00" and seeds["gain, LC learnable"] == "0: +0.00, 1: +0.00"
+    assert table(report, "Seed by seed: Fig. 4:", part)["64"]["frozen − learnable"] == "0: +2.00, 1: +2.00"
     assert table(report, "Fig. 5:", part)["2"]["params, learnable"] == "1,000 ± 0 (2)"
     # at 15 epochs on Fashion-MNIST, the preconditioned form and --lc-init E beside the block
     fig4 = table(report, "Fig. 4:", "15 epoch(s) on the full training set")
     assert fig4["8192"]["test acc, preconditioned"] == frozen and fig4["2048"]["FGSM, preconditioned"] == summary([72.0, 73.0])
     assert fig4["2048"]["test acc, --lc-init"] == fig4["8"]["test acc, --lc-init"] == learnable
     assert fig4["8192"]["gain, preconditioned"] == fig4["2048"]["FGSM gain, preconditioned"] == gain
+    assert fig4["128"]["frozen − --lc-init"] == fig4["2048"]["FGSM preconditioned − --lc-init"] == gain
     assert fig4["2048"]["test acc, frozen"] == fig4["256"]["test acc, learnable"] == "—"  # not run: too slow
     for title, row in [("Fig. 6a", "256"), ("Fig. 6b", "260"), ("Fig. 8a", "9, frozen"), ("Fig. 8a", "9, frozen, oracle"),
                        ("Fig. 8a", "3, frozen, center")]:
@@ -1445,6 +1449,9 @@ def test_a_seed_counts_once_fp32_where_it_has_both_precisions_and_gains_pair_by_
     assert [(row[2], row[3], row[4], row[7]) for row in provenance(report)] == [
         ("baseline", "0", "bf16", "90.00"), ("baseline", "0", "fp32", "93.00"), ("baseline", "1", "bf16", "94.00"),
         ("baseline", "2", "fp32", "95.00"), ("expansion 128, frozen", "0", "fp32", "93.50")]
+    pairs = [[c.strip() for c in line.strip("|").split("|")] for line in
+             report.split("# Precision pairs")[1].split("# Provenance")[0].splitlines() if line.startswith("| fashion")]
+    assert pairs == [["fashionmnist", "75 ep", "baseline", "0", "93.00", "90.00", "-3.00", "83.00", "83.00", "+0.00"]]
 
 
 def test_table1_within_bf16_pairs_bf16_runs_only_and_is_left_out_where_every_run_is_bf16(sweep, capsys, tmp_path):
@@ -1554,3 +1561,65 @@ def test_every_committed_run_is_finished_by_its_own_listed_command_and_in_the_re
     assert len(provenance(report)) == sum(r["train_subset"] is None for r in lines)
     assert ("(plots/filters_fashionmnist.png)" in report) == ("seed 0, 75 epoch(s) on the full" in report) \
         == (tmp_path / "plots" / "length_fashionmnist.png").exists() == HAS_MATPLOTLIB
+
+
+# -----------------------------------------------------------------------------
+# The README: every number it states is one the report (or the benchmark) prints
+
+TRIPLE = r"[+-]?\d[\d,]*\.\d+ ± \d[\d,]*\.\d+ \(\d+\)"  # a cell of the report: mean ± std (seeds)
+DECIMAL = r"(?<![\w.])[+-]?\d[\d,]*\.\d+(?![\w.])"  # any other number with a decimal point, whole
+
+
+def unsourced(readme, sources):
+    """The numbers with a decimal point in readme's prose and tables that no source prints: a mean ± std (seeds) as a
+    whole, any other number as a whole token (sign aside). Code blocks, `code` and link targets are left out."""
+    text = re.sub(r"```.*?```", "", readme, flags=re.S)
+    text = re.sub(r"`[^`\n]*`|\]\([^)]*\)|src=\"[^\"]*\"", "", text).replace("−", "-")
+    missing = [t for t in re.findall(TRIPLE, text) if t not in sources]
+    tokens = {t.lstrip("+-") for t in re.findall(DECIMAL, sources)}
+    return missing + [t for t in re.findall(DECIMAL, re.sub(TRIPLE, "", text)) if t.lstrip("+-") not in tokens]
+
+
+def test_every_number_in_the_readme_is_printed_by_the_report_and_a_changed_one_is_caught():
+    readme = (HERE / "README.md").read_text()
+    sources = "".join((HERE / "results" / name).read_text() for name in ("REPORT.md", "benchmark.md"))
+    assert unsourced(readme, sources) == []
+    triples = re.findall(TRIPLE, readme.replace("−", "-"))
+    assert len(triples) >= 20
+    for triple in triples[:: max(1, len(triples) // 8)]:  # a mean changed by hand in its last digit is caught
+        mean = triple.split(" ")[0]
+        changed = mean[:-1] + str((int(mean[-1]) + 1) % 10)
+        assert unsourced(readme.replace(triple.replace("-", "−"), triple.replace(mean, changed)).replace(
+            triple, triple.replace(mean, changed)), sources), triple
+
+
+def test_the_readme_is_short_leads_with_results_and_its_tables_are_readable():
+    readme = (HERE / "README.md").read_text().splitlines()
+    assert len(readme) <= 170
+    assert readme.index("## Results") < next(i for i, line in enumerate(readme) if line.startswith("QUICK=1")) < 60
+    cells = [cell for line in readme if line.startswith("|") for cell in line.strip("|").split("|")]
+    assert cells and max(len(cell.split()) for cell in cells) <= 40
+
+
+def test_the_figures_say_what_they_show_and_without_matplotlib_the_report_says_how_to_get_them(
+        sweep, capsys, tmp_path, monkeypatch):
+    """Each figure's title names its data, length, seeds and precision; without matplotlib the report has one
+    line saying how to draw them, and every table still."""
+    lines = [made_up(c, 90.0 + ("--frozen" in c), precision="bf16")
+             for c in listed(sweep, capsys, "expansion15", "recipe", SEEDS="0 1", RESULTS=str(tmp_path))]
+    if HAS_MATPLOTLIB:
+        titles = {}
+        def save(fig, folder, name):
+            titles[name] = fig._suptitle.get_text() if fig._suptitle else fig.axes[0].get_title()
+            matplotlib.pyplot.close(fig)
+        import matplotlib.pyplot
+        monkeypatch.setattr(sweep, "save_figure", save)
+        report_of(sweep, tmp_path, lines)
+        assert titles["expansion_fashionmnist-15ep"] == "Accuracy against E: fashionmnist, 15 epochs, 2 seed(s), bf16"
+        assert titles["length_fashionmnist"].endswith("fashionmnist, up to 2 seeds, bf16")
+        monkeypatch.undo()
+    (tmp_path / "none").mkdir()
+    monkeypatch.setattr(sweep, "pyplot", lambda: None)
+    report = report_of(sweep, tmp_path / "none", [(tmp_path / "none" / Path(path).name, line) for path, line in lines])
+    assert "No figures: matplotlib is not installed (`pip install matplotlib`" in report and "![" not in report
+    assert table(report, "Fig. 4:", "15 epoch(s)")["128"]["test acc, frozen"] == "91.00 ± 0.00 (2)"
