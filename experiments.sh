@@ -824,15 +824,15 @@ def kernel_maps_figure(folder, runs, ds):
             variance, filters = tensor(r.get("spatial_variance"), 2), tensor(r.get("first_filters"), 4)
             if all(r[k] == v for k, v in {**base, "preconditioned": False, **config}.items()) and variance is not None \
                     and filters is not None:
-                found[tuple(r[k] for k in SETTING), r["seed"]][kind] = (variance, filters)
+                found[tuple(r[k] for k in SETTING), r["seed"]][kind] = (variance, filters, r["precision"])
     if not found or not (plt := pyplot()):
         return ""
     (setting, seed), maps = max(found.items(), key=lambda f: (len(f[1]), -f[0][1]))
     if "baseline" not in maps or len(maps) < 2:
         return ""
     fig, axes = plt.subplots(2, len(maps), figsize=(2.4 * len(maps), 5.2), squeeze=False)
-    scale = max(v.max().item() for v, _ in maps.values())
-    for column, (kind, (variance, filters)) in enumerate(maps.items()):
+    scale = max(v.max().item() for v, _, _ in maps.values())
+    for column, (kind, (variance, filters, _)) in enumerate(maps.items()):
         image = axes[0, column].imshow(variance.numpy(), vmin=0, vmax=scale, cmap="viridis")
         axes[1, column].imshow(filter_grid(filters[:16], nrow=4).permute(1, 2, 0).numpy())
         axes[0, column].set_title(kind, fontsize=9)
@@ -840,8 +840,9 @@ def kernel_maps_figure(folder, runs, ds):
             ax.axis("off")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="variance over all kernels")
     epochs = dict(zip(SETTING, setting))["epochs"]
-    fig.suptitle(f"9×9 filters, {ds}, {epochs} epochs, seed {seed}: spatial variance (top, one scale) and 16 "
-                 "first-layer filters (bottom, 0 is grey)", fontsize=10)
+    precisions = "/".join(sorted({precision for _, _, precision in maps.values()}))
+    fig.suptitle(f"9×9 filters, {ds}, {epochs} epochs, seed {seed}, {precisions}: spatial variance (top, one scale) "
+                 "and 16 first-layer filters (bottom, 0 is grey)", fontsize=10)
     name = f"kernel_maps_{ds}"
     save_figure(fig, folder, name)
     return (f"![{name}](plots/{name}.png)\n\nAt k = 9, seed {seed}, {describe(dict(zip(SETTING, setting)))} "
@@ -865,17 +866,20 @@ def filters_figure(folder, runs, ds):
         if all(r[k] == v for k, v in lc_128.items() if k != "frozen") and (f := tensor(r.get("first_filters"), 4)) is not None:
             pairs[tuple(r[k] for k in (*SETTING, "seed"))][r["frozen"]] = (r, f)
     paper = [train.PARSER.get_default(k) for k in SETTING]
-    both = [(r, [pair[True][1], pair[False][1]]) for pair in pairs.values() if len(pair) == 2 for r in [pair[True][0]]]
+    both = [(pair[True][0], [pair[True][1], pair[False][1]],  # frozen's run, both filters, their precisions
+             " and ".join(dict.fromkeys(pair[kind][0]["precision"] for kind in (True, False))))
+            for pair in pairs.values() if len(pair) == 2]
     if not both or not (plt := pyplot()):
         return ""
-    r, filters = max(both, key=lambda b: ([b[0][k] for k in SETTING] == paper, sgd_steps(b[0]), -b[0]["seed"]))
+    r, filters, precision = max(both, key=lambda b: ([b[0][k] for k in SETTING] == paper, sgd_steps(b[0]), -b[0]["seed"]))
     fig, axes = plt.subplots(1, 2, figsize=(9, 2.2))
     for ax, f, title in zip(axes, filters, ["frozen LC x128: combinations of random filters",
                                             "learnable LC x128: filters and combinations learned"]):
         ax.imshow(filter_grid(f).permute(1, 2, 0).numpy())
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"First-layer filters after {sgd_steps(r):,} SGD steps ({ds}, seed {r['seed']}); 0 is grey", fontsize=10)
+    fig.suptitle(f"First-layer filters after {r['epochs']} epoch(s), {sgd_steps(r):,} SGD steps ({ds}, seed {r['seed']}, "
+                 f"{precision}); 0 is grey", fontsize=10)
     save_figure(fig, folder, f"filters_{ds}")
     return (f"![filters_{ds}](plots/filters_{ds}.png)\n\nFirst-layer combined filters on {ds}, frozen and learnable "
             f"LC x128 from one seed (the same draw at the start), seed {r['seed']}, {describe(r)}; each grid on its own "
