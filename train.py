@@ -444,13 +444,13 @@ def accuracy(model, images, labels, batch_size, precision, fgsm_eps=0):
 
 
 def filter_metrics(net):
-    """FVE of the first and last spatial layer (Fig. 5), the spatial variance and covariance (Fig. 8b), the random basis
-    (lcconv.basis_summary) and up to 64 first-layer filters of the model's kernel size (Fig. 7)."""
+    """FVE of the first and last spatial layer (Fig. 5), the spatial variance and covariance (Fig. 8b), the random
+    basis (lcconv.basis_summary) and up to 64 first-layer filters of the model's kernel size (Fig. 7)."""
     filters = list(lcconv.combined_filters(net).values())
     if not filters:  # every conv 1×1 (--kernel-size 1): nothing to measure
         return dict.fromkeys(("fve_first", "fve_last", "spatial_variance", "spatial_covariance", "basis",
                               "first_filters"))
-    variance, covariance = lcconv.spatial_variance(net), lcconv.spatial_covariance(net)
+    variance, sigma = lcconv.spatial_variance(net), lcconv.spatial_covariance(net)
     first = next(f for f in filters if f.shape[-2:] == variance.shape)
     first = first[:64] if first.shape[1] in (1, 3) else first[:64, :1]
     basis = [{k: round(v, 4) if isinstance(v, float) else v for k, v in layer.items()}
@@ -458,7 +458,7 @@ def filter_metrics(net):
     return dict(fve_first=lcconv.filter_variance_entropy(filters[0])[1],
                 fve_last=lcconv.filter_variance_entropy(filters[-1])[1],
                 spatial_variance=[[round(v, 4) for v in row] for row in variance.tolist()],
-                spatial_covariance=[[round(v, 4) for v in row] for row in covariance.tolist()], basis=basis or None,
+                spatial_covariance=[[round(v, 4) for v in row] for row in sigma.tolist()], basis=basis or None,
                 first_filters=first.double().mul(1e5).round().div(1e5).tolist())
 
 
