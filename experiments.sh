@@ -437,7 +437,7 @@ def runs_of(groups, s):
         subset = flags("--train-subset", s.train_subset) if epochs and s.train_subset else []
         recipe, extra = [*config, "--seed", seed, *epochs, *subset], shlex.split(s.train_args)
         digest = hashlib.md5(shlex.join(recipe + extra).encode()).hexdigest()[:8]  # the name is unique to the run
-        name = f"{text.replace('--', '').replace(' ', '_')}_seed_{seed}-{digest}"
+        name = f"{text.replace('--', '').replace(' ', '_').replace('/', '_')}_seed_{seed}-{digest}"  # a file, not a folder
         args = train.PARSER.parse_args(recipe + extra)  # the schedule after TRAIN_ARGS; a bad flag: exit 2
         out, checkpoint = f"{s.results}/{setting_name(vars(args))}.jsonl", f"{s.results}/checkpoints/{name}.pt"
         argv = [*recipe, "--data-dir", s.data_dir, "--out", out, "--checkpoint", checkpoint, "--skip-finished", *extra]

@@ -879,7 +879,7 @@ class Planted:
     (["--preconditioned", "--expansion", "4"], "form='preconditioned' needs a frozen"),
     (["--lc-limit", "8", "--frozen"], "--lc-limit"), (["--lc-limit", "0"], "--lc-limit"),
     (["--lc-init", "8", "--expansion", "8"], "not allowed with argument --lc-init"), (["--lc-init", "0"], "--lc-init"),
-    (["--lc-init", "8", "--init", "center"], "form='init' needs an i.i.d. init"),
+    (["--lc-init", "8", "--init", "center"], "--lc-init needs an i.i.d. init: under --init center"),
     (["--out", "/dev/full"], "--out /dev/full: is not a regular file"),
     (["--out", "FILE/results.jsonl"], "--out .*FILE is not a directory"),
     (["--checkpoint", "FILE/run.pt"], "--checkpoint .*FILE is not a directory"),
@@ -899,7 +899,7 @@ class Planted:
     (["--init", "SIGMA_NEGATIVE.json"], "--init .*: a covariance init must be positive semi-definite"),
     (["--init", "FILE.json"], r"--init .*FILE.json: cannot read a covariance from it \(JSONDecodeError"),
     (["--init", "MISSING.json"], r"cannot read a covariance from it \(FileNotFoundError"),
-    (["--init", "SIGMA_9.json", "--lc-init", "8"], "form='init' needs an i.i.d. init"),
+    (["--init", "SIGMA_9.json", "--lc-init", "8"], "use --lc-limit"),
 ])
 def test_bad_input_one_line_and_nothing_written(tiny_data, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
@@ -1205,6 +1205,7 @@ def test_list_prints_valid_train_commands_for_every_group(sweep, capsys, group, 
         assert args.out == f"results/{args.dataset}-{args.epochs}ep.jsonl"  # one results file per setting
         configs.add(json.dumps(train.recipe(args), sort_keys=True))
         names.add(args.checkpoint)
+        assert Path(args.checkpoint).parent == Path("results/checkpoints")  # a file there, whatever the flags hold
     assert len(configs) == len(names) == len(commands)  # no run listed twice, each its own checkpoint
 
 

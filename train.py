@@ -137,6 +137,9 @@ def parse_args(argv=None):
             setattr(args, flag, inspect.signature(getattr(lcconv, args.model)).parameters[flag].default)
     if (args.lc_limit or args.lc_init) and (args.frozen or args.preconditioned):
         error("--lc-limit and --lc-init are plain learnable models: they take no --frozen or --preconditioned")
+    if args.lc_init and (args.init == "center" or args.init.endswith(".json")):
+        error(f"--lc-init needs an i.i.d. init: under --init {args.init} the limit's P is not a multiple of I but a "
+              "learning rate per kernel position, not an initialisation (use --lc-limit)")
     if args.init.endswith(".json"):  # readable, a covariance, of the model's kernels (convert checks each layer's)
         try:
             sigma = covariance(args.init)
