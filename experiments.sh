@@ -298,10 +298,15 @@ KERNEL5 = Table(
           "convs of equal width. x512 is preconditioned. Gaps: frozen LC (of the row's init) − the baseline of the "
           "same k with the default init, seed by seed.")
 KERNEL5_BF16 = replace(KERNEL5, title="Fig. 8a on a CPU within bf16: every run and gap in one precision", **WITHIN_BF16)
+KERNEL5_CENTRE = replace(
+    KERNEL5, title="Fig. 8b on a CPU: the variance at the kernel centre over its mean over the k×k positions",
+    columns={name: Column(c.config, "centre") for name, c in KERNEL5.columns.items() if c.minus is None}, plot=None,
+    found="Paper (Fig. 8b, CIFAR-10): learned filters put more variance in the centre as k grows; frozen LC's "
+          "stay flat. 1 is flat (i.i.d. init); center's envelope starts at 5.0 (k = 3) and 5.1 (k = 9).")
 
 
 @group("kernel5", "Fig. 7-8 on all of Fashion-MNIST at 5 epochs, for a CPU: k = 3 ... 9, E = 1 ... 512, "
-       "centred and oracle inits", KERNEL5, KERNEL5_BF16)
+       "centred and oracle inits", KERNEL5, KERNEL5_BF16, KERNEL5_CENTRE)
 def kernel5_runs(s):  # its own schedule: EPOCHS and TRAIN_SUBSET do not apply
     setting = ("--dataset", "fashionmnist", "--epochs", 5)
     for k in KERNEL_SIZES:
@@ -549,6 +554,8 @@ def metrics(r):
                             ("spread", "spread", max), ("spread_mp", "spread_mp", max)]:  # over the layers
         values = [v for v in (number(layer.get(key)) for layer in layers) if v is not None]
         out[name] = pick(values) if values else None
+    v = tensor(r.get("spatial_variance"), 2)  # Fig. 8b's map: its centre over its mean, 1 where it is flat
+    out["centre"] = number((v[v.shape[0] // 2, v.shape[1] // 2] / v.mean()).item()) if v is not None else None
     f = tensor(r.get("first_filters"), 4)  # the first layer's filters: their RMS, and over sqrt(alpha) for frozen LC
     out["first_rms"] = number(f.square().mean().sqrt().item()) if f is not None else None
     first_alpha = number(layers[0].get("alpha")) if layers else None
@@ -721,8 +728,9 @@ FIG4_STYLES = {"frozen": dict(marker="o"), "learnable": dict(marker="o"),
                "--lc-init": dict(marker="^", linestyle=":")}
 
 
-def seeds_of(rows):  # the most seeds a cell of these rows has
-    return max((len(cell.values) for _, _, cells in rows for cell in cells.values()), default=0)
+def seeds_of(rows):  # how many seeds the cells of these rows have: "2", or "1–2" where they differ
+    counts = {len(cell.values) for _, _, cells in rows for cell in cells.values() if cell.values} or {0}
+    return f"{min(counts)}–{max(counts)}" if len(counts) > 1 else f"{max(counts)}"
 
 
 def precision_of(where):  # the runs' precision, as the last words of where (write_report) say it
@@ -766,7 +774,7 @@ def length_figure(folder, rows, where):
     ax.secondary_xaxis("top", functions=(lambda x: x * epoch, lambda x: x / epoch)).set_xlabel("SGD steps")
     ax.xaxis.set_major_formatter("{x:.3g}")
     ax.legend(fontsize=7)
-    ax.set_title(f"Gain over the baseline against length: {c['dataset']}, up to {seeds_of(rows)} seeds, "
+    ax.set_title(f"Gain over the baseline against length: {c['dataset']}, {seeds_of(rows)} seeds, "
                  f"{precision_of(where)}", fontsize=9, pad=30)
     name = f"length_{rows[0][1]['dataset']}"
     save_figure(fig, folder, name)

@@ -1350,6 +1350,9 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
     made_up_covariances(commands)
     for command in commands:
         path, r = made_up(command, 80.0 + int(command.split("--seed ")[1].split()[0]) + 2 * ("--frozen" in command))
+        k = r.get("kernel_size") or 3  # Fig. 8b's map: flat for frozen filters, twice the rest at a learned centre
+        r["spatial_variance"] = [[2.0 if (i, j) == (k // 2, k // 2) and not r["frozen"] else 1.0 for j in range(k)]
+                                 for i in range(k)]
         if not r["preconditioned"] and not r["lc_limit"]:  # a line from before these keys
             del r["preconditioned"], r["lc_limit"], r["precision"]
         lines += [(path, r)] * 2
@@ -1387,6 +1390,9 @@ def test_report_has_every_table_with_the_numbers_of_its_runs(sweep, capsys, tmp_
     assert kernel["9, oracle"]["gap x64"] == kernel["3, center"]["gap x1"] == kernel["5"]["gap x512"] == gain
     assert kernel["9, center"]["gap, learned filters"] == summary([0.0, 0.0], "+")
     assert kernel["9"]["gap, learnable x8"] == summary([0.0, 0.0], "+") and kernel["9, oracle"]["learnable x8"] == "—"
+    centre = table(report, "Fig. 8b on a CPU", "5 epoch(s) on the full training set")  # the centre over the mean
+    assert centre["9"]["learned filters"] == summary([2 * 81 / 82] * 2) and centre["5"]["learnable x8"] == summary(
+        [2 * 25 / 26] * 2) and centre["9, oracle"]["frozen x8"] == summary([1.0, 1.0])
     table3 = table(report, "Table 3", part)["bn_relu"]  # learnable, then frozen, each with the paper's beside
     assert (table3["learnable"], table3["paper"], table3["frozen"], table3["paper 2"]) == (
         learnable, "94.72 ± 0.16", frozen, "93.26 ± 0.18")
@@ -1617,7 +1623,12 @@ def test_the_figures_say_what_they_show_and_without_matplotlib_the_report_says_h
         monkeypatch.setattr(sweep, "save_figure", save)
         report_of(sweep, tmp_path, lines)
         assert titles["expansion_fashionmnist-15ep"] == "Accuracy against E: fashionmnist, 15 epochs, 2 seed(s), bf16"
-        assert titles["length_fashionmnist"].endswith("fashionmnist, up to 2 seeds, bf16")
+        assert titles["length_fashionmnist"].endswith("fashionmnist, 2 seeds, bf16")
+        (tmp_path / "fewer").mkdir()  # one run lacks seed 1: the title gives the range
+        dropped = next(i for i, (_, line) in enumerate(lines) if line["seed"] == 1 and line["epochs"] == 15)
+        report_of(sweep, tmp_path / "fewer", [(tmp_path / "fewer" / Path(path).name, line)
+                                              for i, (path, line) in enumerate(lines) if i != dropped])
+        assert titles["expansion_fashionmnist-15ep"] == "Accuracy against E: fashionmnist, 15 epochs, 1–2 seed(s), bf16"
         monkeypatch.undo()
     (tmp_path / "none").mkdir()
     monkeypatch.setattr(sweep, "pyplot", lambda: None)
