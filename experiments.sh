@@ -838,7 +838,7 @@ def kernel_maps_figure(folder, runs, ds):
     (setting, seed), maps = max(found.items(), key=lambda f: (len(f[1]), -f[0][1]))
     if "baseline" not in maps or len(maps) < 2:
         return ""
-    fig, axes = plt.subplots(2, len(maps), figsize=(2.4 * len(maps), 5.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(maps), figsize=(2.4 * len(maps), 4.6), squeeze=False)
     scale = max(v.max().item() for v, _, _ in maps.values())
     for column, (kind, (variance, filters, _)) in enumerate(maps.items()):
         image = axes[0, column].imshow(variance.numpy(), vmin=0, vmax=scale, cmap="viridis")
@@ -847,10 +847,11 @@ def kernel_maps_figure(folder, runs, ds):
         for ax in axes[:, column]:
             ax.axis("off")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="variance over all kernels")
+    fig.colorbar(image, ax=axes[1].tolist(), shrink=0.8).remove()  # the same room taken below: columns align
     epochs = dict(zip(SETTING, setting))["epochs"]
     precisions = "/".join(sorted({precision for _, _, precision in maps.values()}))
-    fig.suptitle(f"9×9 filters, {ds}, {epochs} epochs, seed {seed}, {precisions}: spatial variance (top, one scale) "
-                 "and 16 first-layer filters (bottom, 0 is grey)", fontsize=10)
+    fig.suptitle(f"9×9 filters, {ds}, {epochs} epochs, seed {seed}, {precisions}\nspatial variance (top, one scale), "
+                 "16 first-layer filters (bottom, 0 is grey)", fontsize=10)
     name = f"kernel_maps_{ds}"
     save_figure(fig, folder, name)
     return (f"![{name}](plots/{name}.png)\n\nAt k = 9, seed {seed}, {describe(dict(zip(SETTING, setting)))} "
