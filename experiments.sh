@@ -298,7 +298,7 @@ KERNEL5 = Table(
           "convs of equal width. x512 is preconditioned. Gaps: frozen LC (of the row's init) − the baseline of the "
           "same k with the default init, seed by seed.")
 KERNEL5_BF16 = replace(KERNEL5, title="Fig. 8a on a CPU within bf16: every run and gap in one precision", **WITHIN_BF16)
-KERNEL5_CENTRE = replace(
+KERNEL5_CENTRE = replace(  # center's start: init_std(…, "center")'s centre² over its mean² (no torch here, for --help)
     KERNEL5, title="Fig. 8b on a CPU: the variance at the kernel centre over its mean over the k×k positions",
     columns={name: Column(c.config, "centre") for name, c in KERNEL5.columns.items() if c.minus is None}, plot=None,
     found="Paper (Fig. 8b, CIFAR-10): learned filters put more variance in the centre as k grows; frozen LC's "

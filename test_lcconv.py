@@ -1555,8 +1555,9 @@ def test_every_committed_run_is_finished_by_its_own_listed_command_and_in_the_re
     for line in lines:
         config = train.recipe(line)
         argv = commands[json.dumps({**config, "precision": None}, sort_keys=True)]
-        argv = [a if a.startswith("results/covariance/") else  # an oracle's Σ: its --init is part of its config
-                a.replace("results/checkpoints", str(tmp_path)).replace("results/", f"{tmp_path}/") for a in argv]
+        argv = list(argv)  # its results file and checkpoint in tmp_path; an oracle's --init Σ stays, part of its config
+        for flag in ("--out", "--checkpoint"):
+            argv[argv.index(flag) + 1] = str(tmp_path / Path(argv[argv.index(flag) + 1]).name)
         train.main(argv + ["--precision", config["precision"]])
         assert capsys.readouterr().out.startswith("already in"), argv
     assert all(path.read_bytes() == (tmp_path / path.name).read_bytes() for path in (HERE / "results").glob("*.jsonl"))
